@@ -1,0 +1,257 @@
+"""The command line: check the options, run the job, write the summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from typing import Optional, Sequence
+
+# Google's auth library otherwise probes the cloud metadata address and
+# retries for about 30 seconds before giving up on a machine off the cloud.
+os.environ.setdefault("NO_GCE_CHECK", "true")
+
+import apache_beam as beam  # noqa: E402
+from apache_beam.io.filesystems import FileSystems  # noqa: E402
+from apache_beam.metrics.metric import MetricsFilter  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+
+from beam_pipeline import inputs  # noqa: E402
+from beam_pipeline.display import ProgressDisplay  # noqa: E402
+from beam_pipeline.options import (  # noqa: E402
+    OptionError,
+    PushshiftOptions,
+    reader_config,
+    record_filter,
+    validate_batching,
+)
+from beam_pipeline.pipeline import JobPlan, build_pipeline  # noqa: E402
+from runners import profiles, runner_for, runner_name  # noqa: E402
+from transforms.memory import default_max_memory_bytes  # noqa: E402
+from transforms.metrics import NAMESPACE  # noqa: E402
+from transforms.sinks import DAMAGE_DIR, join_path  # noqa: E402
+
+__all__ = ["main", "prepare", "run_job"]
+
+_LOGGER = logging.getLogger("beam_pipeline")
+
+SUMMARY_FILE = "_summary.json"
+PROGRESS_DIR = "_progress"
+
+_SUMMARY_COUNTERS = (
+    "records_read",
+    "records_matched",
+    "records_written",
+    "batches_written",
+    "dead_letters",
+    "blank_lines",
+    "invalid_utf8_records",
+    "oversized_records",
+    "compressed_bytes_read",
+    "decompressed_bytes_read",
+    "archives_damaged",
+    "archives_abandoned",
+    "memory_deferrals",
+    "memory_throttles",
+    "records_skipped_on_resume",
+)
+
+
+def _print_help() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m beam_pipeline",
+        description="Stream Pushshift archives, filter their records and hand them on in batches.",
+    )
+    PushshiftOptions._add_argparse_args(parser)
+    beam_group = parser.add_argument_group(
+        "Beam options (all of Beam's pipeline options are accepted; the common ones)"
+    )
+    beam_group.add_argument("--runner", help="DirectRunner (default), PrismRunner, FlinkRunner or DataflowRunner.")
+    beam_group.add_argument("--direct_num_workers", help="Workers of the DirectRunner; 0 means one per core.")
+    beam_group.add_argument("--direct_running_mode", help="in_memory, multi_threading or multi_processing.")
+    parser.print_help()
+    print("\nprofiles:")
+    for name, (description, _) in profiles.PROFILES.items():
+        print(f"  {name:12} {description}")
+
+
+def prepare(options: PipelineOptions) -> JobPlan:
+    """Checks the options and inputs and plans the job; raises OptionError."""
+    job = options.view_as(PushshiftOptions)
+    if not job.input:
+        raise OptionError("--input is required: name at least one archive or glob")
+    if not job.output:
+        raise OptionError("--output is required: name the folder to write to")
+    validate_batching(job)
+    the_filter = record_filter(job)
+
+    archives = inputs.match_archives(job.input)
+    inputs.check_output(job.output)
+
+    max_memory = job.max_memory_mb * 2**20 if job.max_memory_mb else default_max_memory_bytes()
+    config = reader_config(job, max_memory, ledger_key=job.output)
+    local_output = "://" not in job.output
+    if local_output:
+        config = _with_progress_dir(config, os.path.join(job.output, PROGRESS_DIR))
+
+    fan_out = job.fan_out == "on" or (
+        job.fan_out == "auto" and profiles.runner_defaults(runner_name(options)).get("fan_out") == "on"
+    )
+    return JobPlan(
+        archives=tuple(archives),
+        output=job.output,
+        reader=config,
+        record_filter=the_filter,
+        batch_size=job.batch_size,
+        batch_max_buffering_secs=job.batch_max_buffering_secs,
+        fan_out=fan_out,
+        batch_handler=job.batch_handler,
+    )
+
+
+def _with_progress_dir(config, folder: str):
+    import dataclasses
+
+    return dataclasses.replace(config, progress_dir=folder)
+
+
+def _metric_totals(result) -> dict:
+    """Counters summed over steps, and the distributions' extremes."""
+    totals: dict = {name: 0 for name in _SUMMARY_COUNTERS}
+    try:
+        queried = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    except Exception:  # Some runners answer no metrics at all.
+        _LOGGER.warning("the runner reported no metrics; the summary counts are missing")
+        return totals
+    for counter in queried.get("counters", []):
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + (value or 0)
+    for distribution in queried.get("distributions", []):
+        data = distribution.committed or distribution.attempted
+        if data is None or not data.count:
+            continue
+        name = distribution.key.metric.name
+        entry = totals.setdefault(name, {"count": 0, "sum": 0, "min": data.min, "max": data.max})
+        entry["count"] += data.count
+        entry["sum"] += data.sum
+        entry["min"] = min(entry["min"], data.min)
+        entry["max"] = max(entry["max"], data.max)
+    return totals
+
+
+def _damage_reports(output: str) -> list[dict]:
+    reports = []
+    pattern = join_path(output, DAMAGE_DIR, "*.json")
+    for match in FileSystems.match([pattern])[0].metadata_list:
+        with FileSystems.open(match.path) as handle:
+            reports.append(json.loads(handle.read()))
+    return sorted(reports, key=lambda report: (report["archive"], report["decompressed_offset"]))
+
+
+def _peak_rss(totals: dict) -> int:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    workers = totals.get("worker_rss_bytes", {}).get("max", 0) if isinstance(totals.get("worker_rss_bytes"), dict) else 0
+    return max(own, children, workers)
+
+
+def run_job(options: PipelineOptions, plan: JobPlan, show_progress: bool = True) -> dict:
+    """Runs the planned job to the end and returns its summary."""
+    job = options.view_as(PushshiftOptions)
+    started = time.time()
+    display: Optional[ProgressDisplay] = None
+    if show_progress and plan.reader.progress_dir:
+        display = ProgressDisplay(
+            plan.reader.progress_dir,
+            {spec.name: spec.size for spec in plan.archives},
+            interval_secs=min(job.progress_interval_secs, 5.0),
+        )
+        display.start()
+
+    try:
+        pipeline = beam.Pipeline(runner=runner_for(options), options=options)
+        build_pipeline(pipeline, plan)
+        result = pipeline.run()
+        state = result.wait_until_finish()
+    finally:
+        if display is not None:
+            display.stop()
+
+    elapsed = time.time() - started
+    totals = _metric_totals(result)
+    damage = _damage_reports(plan.output)
+    summary = {
+        "state": str(state),
+        "runner": runner_name(options),
+        "elapsed_secs": round(elapsed, 3),
+        **{name: totals.get(name, 0) for name in _SUMMARY_COUNTERS},
+        "peak_rss_bytes": _peak_rss(totals),
+        "records_per_sec": round(totals.get("records_read", 0) / elapsed, 1) if elapsed else None,
+        "archives": [{"name": spec.name, "path": spec.path, "size": spec.size} for spec in plan.archives],
+        "damaged_archives": damage,
+        "distributions": {
+            name: value for name, value in totals.items() if isinstance(value, dict)
+        },
+    }
+    summary["status"] = (
+        "failed: damaged archives"
+        if damage and not job.tolerate_damage
+        else ("succeeded with damaged archives" if damage else "succeeded")
+    )
+    _write_summary(plan.output, summary)
+    return summary
+
+
+def _write_summary(output: str, summary: dict) -> None:
+    from transforms.sinks import write_atomically
+
+    payload = json.dumps(summary, indent=2, sort_keys=False).encode("utf-8")
+    write_atomically(output, join_path(output, SUMMARY_FILE), payload)
+
+
+def print_summary(summary: dict, stream=sys.stdout) -> None:
+    lines = [
+        f"status: {summary['status']} ({summary['runner']}, {summary['elapsed_secs']:.1f} s)",
+        f"records read {summary['records_read']:,}, matched {summary['records_matched']:,},"
+        f" written {summary['records_written']:,} in {summary['batches_written']:,} batches",
+        f"dead letters {summary['dead_letters']:,}; bytes read {summary['compressed_bytes_read']:,}"
+        f" compressed, {summary['decompressed_bytes_read']:,} decompressed",
+        f"peak resident memory {summary['peak_rss_bytes'] / 2**20:,.0f} MiB;"
+        f" {summary['records_per_sec'] or 0:,.0f} records/s",
+    ]
+    for damage in summary["damaged_archives"]:
+        lines.append(
+            f"damaged: {damage['archive']} at compressed byte {damage['compressed_offset']:,},"
+            f" decompressed byte {damage['decompressed_offset']:,}: {damage['reason']}"
+        )
+    print("\n".join(lines), file=stream)
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "google", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the job from command-line arguments; returns the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in arguments):
+        _print_help()
+        return 0
+    _configure_logging()
+    try:
+        arguments = profiles.apply(arguments)
+        options = PipelineOptions(arguments)
+        plan = prepare(options)
+    except OptionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    summary = run_job(options, plan)
+    print_summary(summary)
+    return 1 if summary["status"].startswith("failed") else 0

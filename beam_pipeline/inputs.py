@@ -1,0 +1,66 @@
+"""Matching the input patterns and checking the output, before any work."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from apache_beam.io.filesystem import BeamIOError
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipeline.options import OptionError
+from transforms.reader import ArchiveSpec
+
+__all__ = ["SUPPORTED_SUFFIXES", "check_output", "match_archives"]
+
+SUPPORTED_SUFFIXES = (".zst", ".ndjson", ".jsonl", ".json")
+
+
+def match_archives(patterns: list[str]) -> list[ArchiveSpec]:
+    """Every file the patterns match, sorted by path and numbered.
+
+    Raises OptionError naming the first pattern that matches nothing, a
+    file of an unsupported kind, or a local file that cannot be read.
+    """
+    paths: dict[str, int] = {}
+    for pattern in patterns:
+        try:
+            result = FileSystems.match([pattern])[0]
+        except BeamIOError as exc:
+            raise OptionError(f"--input {pattern!r} could not be listed: {exc}") from None
+        matched = [meta for meta in result.metadata_list if not meta.path.endswith("/")]
+        if not matched:
+            raise OptionError(f"--input {pattern!r} matches no file")
+        for meta in matched:
+            paths[meta.path] = meta.size_in_bytes
+
+    archives = []
+    for archive_id, path in enumerate(sorted(paths)):
+        if not path.lower().endswith(SUPPORTED_SUFFIXES):
+            raise OptionError(
+                f"--input {path!r} is neither a .zst archive nor a .ndjson/.jsonl file"
+            )
+        if "://" not in path:
+            if os.path.isdir(path):
+                raise OptionError(f"--input {path!r} is a folder; name the archives in it or a glob")
+            if not os.access(path, os.R_OK):
+                raise OptionError(f"--input {path!r} cannot be read: permission denied")
+        archives.append(ArchiveSpec(archive_id, path, paths[path]))
+    return archives
+
+
+def check_output(output: str) -> None:
+    """Raises OptionError unless a file can be written under ``output``."""
+    probe = FileSystems.join(output, f"_probe-{uuid.uuid4().hex}")
+    try:
+        if "://" not in output:
+            if os.path.exists(output) and not os.path.isdir(output):
+                raise OptionError(f"--output {output!r} is a file, not a folder")
+            os.makedirs(output, exist_ok=True)
+        with FileSystems.create(probe) as handle:
+            handle.write(b"")
+        FileSystems.delete([probe])
+    except OptionError:
+        raise
+    except (OSError, BeamIOError) as exc:
+        raise OptionError(f"--output {output!r} cannot be written: {exc}") from None

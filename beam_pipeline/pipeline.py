@@ -1,0 +1,87 @@
+"""Assembly of the job: archives in, batches handed on, reports out.
+
+    archives -> ReadArchiveBlocks (splittable) -> [Reshuffle] -> ParseRecords
+      -> GroupIntoBatches -> batch handler (files under OUTPUT/batches)
+    dead letters of reading and parsing -> OUTPUT/dead_letter
+    damage reports of reading -> OUTPUT/_damage
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam import typehints
+
+from transforms.reader import (
+    DAMAGE_TAG,
+    DEAD_LETTER_TAG,
+    ArchiveSpec,
+    ReadArchiveBlocks,
+    ReaderConfig,
+)
+from transforms.records import ParseRecords, RecordFilter
+from transforms.sinks import WriteBatchFiles, WriteDamageReports, WriteDeadLetters
+
+__all__ = ["JobPlan", "build_pipeline", "load_batch_handler"]
+
+RecordKV = typehints.Tuple[str, typehints.Tuple[int, bytes]]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPlan:
+    """Everything the pipeline graph depends on, decided before it is built."""
+
+    archives: tuple[ArchiveSpec, ...]
+    output: str
+    reader: ReaderConfig
+    record_filter: RecordFilter
+    batch_size: int
+    batch_max_buffering_secs: Optional[float]
+    fan_out: bool
+    batch_handler: Optional[str] = None
+
+
+def load_batch_handler(spec: Optional[str], output: str) -> beam.DoFn:
+    """The DoFn batches are handed to: ``module:Class`` or the file writer."""
+    if not spec:
+        return WriteBatchFiles(output)
+    module_name, _, class_name = spec.partition(":")
+    handler_class = getattr(importlib.import_module(module_name), class_name)
+    return handler_class(output)
+
+
+def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
+    """Adds the job's transforms to ``pipeline``."""
+    names = {spec.archive_id: spec.name for spec in plan.archives}
+
+    read = (
+        pipeline
+        | "Archives" >> beam.Create(list(plan.archives), reshuffle=False)
+        | "ReadArchives"
+        >> beam.ParDo(ReadArchiveBlocks(plan.reader, names)).with_outputs(
+            DEAD_LETTER_TAG, DAMAGE_TAG, main="blocks"
+        )
+    )
+    blocks = read.blocks
+    if plan.fan_out:
+        blocks = blocks | "FanOut" >> beam.Reshuffle()
+
+    parsed = blocks | "ParseRecords" >> beam.ParDo(
+        ParseRecords(plan.record_filter, names)
+    ).with_output_types(RecordKV).with_outputs(DEAD_LETTER_TAG, main="records")
+    records = parsed.records
+
+    batches = records | "GroupIntoBatches" >> beam.GroupIntoBatches(
+        plan.batch_size, max_buffering_duration_secs=plan.batch_max_buffering_secs
+    )
+    _ = batches | "HandOnBatches" >> beam.ParDo(load_batch_handler(plan.batch_handler, plan.output))
+
+    _ = (
+        (read[DEAD_LETTER_TAG], parsed[DEAD_LETTER_TAG])
+        | "AllDeadLetters" >> beam.Flatten()
+        | "WriteDeadLetters" >> beam.ParDo(WriteDeadLetters(plan.output))
+    )
+    _ = read[DAMAGE_TAG] | "WriteDamage" >> beam.ParDo(WriteDamageReports(plan.output))

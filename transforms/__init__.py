@@ -1,0 +1,1 @@
+"""The job's transforms: reading, parsing, batching, sinks and metrics."""
