@@ -135,6 +135,9 @@ def record_lines(spec: SynthSpec) -> Iterator[bytes]:
         json.dumps(body, ensure_ascii=True).encode("ascii") if escape else orjson.dumps(body)
         for body in pools.bodies
     ]
+    # Key order draws from its own generator, so that the same seed gives
+    # the same records in every layout.
+    order_rng = random.Random(spec.seed + 1)
     key_orders = None
     produced = count = 0
     chunk = 4096
@@ -151,8 +154,8 @@ def record_lines(spec: SynthSpec) -> Iterator[bytes]:
             else:
                 if key_orders is None:
                     keys = list(record)
-                    key_orders = [rng.sample(keys, len(keys)) for _ in range(8)] + [keys]
-                order = key_orders[rng.randrange(len(key_orders))]
+                    key_orders = [order_rng.sample(keys, len(keys)) for _ in range(8)] + [keys]
+                order = key_orders[order_rng.randrange(len(key_orders))]
                 record = {key: record[key] for key in order if key in record}
             line = orjson.dumps(record).replace(b'"\\u0000BODY"', encoded_bodies[bodies[position]]) + b"\n"
             produced += len(line)
