@@ -1,7 +1,8 @@
 """Assembly of the job: archives in, batches handed on, reports out.
 
     archives -> ReadArchiveBlocks (splittable) -> [Reshuffle] -> ParseRecords
-      -> GroupIntoBatches -> batch handler (files under OUTPUT/batches)
+      -> BatchRecords (full batches per bundle; the rest via GroupIntoBatches)
+      -> batch handler (files under OUTPUT/batches)
     dead letters of reading and parsing -> OUTPUT/dead_letter
     damage reports of reading -> OUTPUT/_damage
 """
@@ -15,6 +16,7 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam import typehints
 
+from transforms.batching import BatchRecords
 from transforms.reader import (
     DAMAGE_TAG,
     DEAD_LETTER_TAG,
@@ -74,8 +76,8 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     ).with_output_types(RecordKV).with_outputs(DEAD_LETTER_TAG, main="records")
     records = parsed.records
 
-    batches = records | "GroupIntoBatches" >> beam.GroupIntoBatches(
-        plan.batch_size, max_buffering_duration_secs=plan.batch_max_buffering_secs
+    batches = records | "Batch" >> BatchRecords(
+        plan.batch_size, max_buffering_secs=plan.batch_max_buffering_secs
     )
     _ = batches | "HandOnBatches" >> beam.ParDo(load_batch_handler(plan.batch_handler, plan.output))
 

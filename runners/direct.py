@@ -31,9 +31,16 @@ DEFAULTS = {"fan_out": "off"}
 def make_runner(options: PipelineOptions):
     """A FnApiRunner that sees the pipeline options, as the DirectRunner's."""
     from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.fn_api_runner import fn_runner, worker_handlers
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
+    # The in-process worker weighs every state cache entry by walking the
+    # object graph, which for GroupIntoBatches' growing bags costs more
+    # than it saves (measured: 22 s against 9 s on 170,000 records). Its
+    # size is a module constant of Beam's worker handlers, read when the
+    # worker starts. Worker processes already default to no cache
+    # (--max_cache_memory_usage_mb=0).
+    worker_handlers.STATE_CACHE_SIZE_MB = 0
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     provision_info = fn_runner.ExtendedProvisionInfo(
         beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)

@@ -1,0 +1,137 @@
+"""Batching: full batches formed where records are read, the rest grouped by Beam.
+
+Beam's ``GroupIntoBatches`` keeps per-key state and costs tens of
+microseconds a record, several times reading and parsing it; on the
+FnApiRunner it also runs as a stage of its own, which receives nothing until
+reading has ended. So records reach it in two ways:
+
+* ``CollectBatches`` keeps, within a bundle, a buffer per key. A buffer that
+  reaches the batch size leaves at once as a finished batch, handed on in the
+  same stage, without passing through ``GroupIntoBatches``.
+* What is left in the buffers when the bundle ends (or when they hold too
+  many bytes, or have waited longer than the buffering limit) goes to
+  ``GroupIntoBatches`` record by record, which groups it across bundles.
+
+Every batch therefore holds exactly the batch size, except the last one
+``GroupIntoBatches`` flushes for each key and those flushed early by the
+buffering limit, as with ``GroupIntoBatches`` alone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator, Optional
+
+import apache_beam as beam
+from apache_beam import typehints
+
+__all__ = ["BatchRecords", "CollectBatches"]
+
+RecordKV = typehints.Tuple[str, typehints.Tuple[int, bytes]]
+BatchKV = typehints.Tuple[str, typehints.Iterable[typehints.Tuple[int, bytes]]]
+
+LEFTOVER_TAG = "leftover"
+
+# Bytes a bundle's buffers may hold before the largest go on to be grouped
+# across bundles, so that many small keys cannot fill a worker's memory.
+DEFAULT_BUFFER_BYTES = 256 * 2**20
+
+
+class CollectBatches(beam.DoFn):
+    """Emits full batches per key; tags the rest as leftovers."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_buffering_secs: Optional[float] = None,
+        max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    ) -> None:
+        self._batch_size = batch_size
+        self._max_wait = max_buffering_secs
+        self._max_bytes = max_buffer_bytes
+
+    def start_bundle(self) -> None:
+        self._buffers: dict[str, list[tuple[int, bytes]]] = {}
+        self._sizes: dict[str, int] = {}
+        self._since: dict[str, float] = {}
+        self._bytes = 0
+        self._seen = 0
+
+    def process(self, element: tuple[str, tuple[int, bytes]]) -> Iterator:
+        key, record = element
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = []
+            self._sizes[key] = 0
+            if self._max_wait is not None:
+                self._since[key] = time.monotonic()
+        buffer.append(record)
+        size = len(record[1]) + 64
+        self._sizes[key] += size
+        self._bytes += size
+
+        if len(buffer) >= self._batch_size:
+            self._drop(key)
+            yield key, buffer
+            return
+
+        self._seen += 1
+        if self._seen % 4096 == 0:
+            yield from self._spill()
+
+    def _drop(self, key: str) -> list[tuple[int, bytes]]:
+        self._bytes -= self._sizes.pop(key)
+        self._since.pop(key, None)
+        return self._buffers.pop(key)
+
+    def _spill(self) -> Iterator:
+        """Sends old or oversized buffers on to be grouped across bundles."""
+        if self._max_wait is not None:
+            deadline = time.monotonic() - self._max_wait
+            for key in [key for key, since in self._since.items() if since < deadline]:
+                for record in self._drop(key):
+                    yield beam.pvalue.TaggedOutput(LEFTOVER_TAG, (key, record))
+        if self._bytes > self._max_bytes:
+            for key in sorted(self._sizes, key=self._sizes.__getitem__, reverse=True):
+                for record in self._drop(key):
+                    yield beam.pvalue.TaggedOutput(LEFTOVER_TAG, (key, record))
+                if self._bytes <= self._max_bytes // 2:
+                    break
+
+    def finish_bundle(self) -> Iterator:
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for key, buffer in self._buffers.items():
+            for record in buffer:
+                yield beam.pvalue.TaggedOutput(
+                    LEFTOVER_TAG, WindowedValue((key, record), 0, [GlobalWindow()])
+                )
+        self.start_bundle()
+
+
+class BatchRecords(beam.PTransform):
+    """Groups (key, (position, line)) records into batches of ``batch_size``."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_buffering_secs: Optional[float] = None,
+        max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    ) -> None:
+        super().__init__()
+        self._batch_size = batch_size
+        self._max_wait = max_buffering_secs
+        self._max_bytes = max_buffer_bytes
+
+    def expand(self, records):
+        collected = records | "CollectFullBatches" >> beam.ParDo(
+            CollectBatches(self._batch_size, self._max_wait, self._max_bytes)
+        ).with_output_types(BatchKV).with_outputs(LEFTOVER_TAG, main="full")
+        leftovers = collected[LEFTOVER_TAG] | "TypeLeftovers" >> beam.Map(
+            lambda record: record
+        ).with_output_types(RecordKV)
+        grouped = leftovers | "GroupIntoBatches" >> beam.GroupIntoBatches(
+            self._batch_size, max_buffering_duration_secs=self._max_wait
+        )
+        return (collected.full, grouped) | "AllBatches" >> beam.Flatten()
