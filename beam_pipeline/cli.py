@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -30,10 +31,13 @@ from beam_pipeline.options import (  # noqa: E402
     validate_batching,
 )
 from beam_pipeline.pipeline import JobPlan, build_pipeline  # noqa: E402
+from beam_pipeline.state import StateStore  # noqa: E402
 from runners import profiles, runner_for, runner_name  # noqa: E402
-from transforms.memory import default_max_memory_bytes  # noqa: E402
-from transforms.metrics import NAMESPACE  # noqa: E402
-from transforms.sinks import DAMAGE_DIR, join_path  # noqa: E402
+from transforms.memory import AUTO_MAX_MEMORY, MemoryGuard, TreeSampler  # noqa: E402
+from transforms.metrics import NAMESPACE, split_archive_metric  # noqa: E402
+from transforms.files import TEMP_DIR, join_path  # noqa: E402
+from transforms.records import ResumeFiles  # noqa: E402
+from transforms.sinks import DAMAGE_DIR  # noqa: E402
 
 __all__ = ["main", "prepare", "run_job"]
 
@@ -92,11 +96,13 @@ def prepare(options: PipelineOptions) -> JobPlan:
     archives = inputs.match_archives(job.input)
     inputs.check_output(job.output)
 
-    max_memory = job.max_memory_mb * 2**20 if job.max_memory_mb else default_max_memory_bytes()
+    # Without --max_memory_mb the bound is a share of what the workers'
+    # machine has available, decided there (by the launcher on a local run).
+    max_memory = job.max_memory_mb * 2**20 if job.max_memory_mb else AUTO_MAX_MEMORY
     config = reader_config(job, max_memory, ledger_key=job.output)
     local_output = "://" not in job.output
     if local_output:
-        config = _with_progress_dir(config, os.path.join(job.output, PROGRESS_DIR))
+        config = dataclasses.replace(config, progress_dir=os.path.join(job.output, PROGRESS_DIR))
 
     fan_out = job.fan_out == "on" or (
         job.fan_out == "auto" and profiles.runner_defaults(runner_name(options)).get("fan_out") == "on"
@@ -113,12 +119,6 @@ def prepare(options: PipelineOptions) -> JobPlan:
     )
 
 
-def _with_progress_dir(config, folder: str):
-    import dataclasses
-
-    return dataclasses.replace(config, progress_dir=folder)
-
-
 def _metric_totals(result) -> dict:
     """Counters summed over steps, and the distributions' extremes."""
     totals: dict = {name: 0 for name in _SUMMARY_COUNTERS}
@@ -129,7 +129,21 @@ def _metric_totals(result) -> dict:
         return totals
     for counter in queried.get("counters", []):
         value = counter.committed if counter.committed is not None else counter.attempted
-        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + (value or 0)
+        name = counter.key.metric.name
+        per_archive = split_archive_metric(name)
+        if per_archive is not None:
+            kind, archive = per_archive
+            entry = totals.setdefault("per_archive", {}).setdefault(archive, {})
+            entry[kind] = entry.get(kind, 0) + (value or 0)
+            continue
+        totals[name] = totals.get(name, 0) + (value or 0)
+    latest: dict = {}
+    for gauge in queried.get("gauges", []):
+        data = gauge.committed or gauge.attempted
+        name = gauge.key.metric.name
+        if data is not None and (name not in latest or data.timestamp >= latest[name].timestamp):
+            latest[name] = data
+    totals["gauges"] = {name: data.value for name, data in latest.items()}
     for distribution in queried.get("distributions", []):
         data = distribution.committed or distribution.attempted
         if data is None or not data.count:
@@ -141,6 +155,28 @@ def _metric_totals(result) -> dict:
         entry["min"] = min(entry["min"], data.min)
         entry["max"] = max(entry["max"], data.max)
     return totals
+
+
+def _archive_summary(spec, totals: dict) -> dict:
+    """An archive's name, size and its per-archive counters of this run."""
+    counted = totals.get("per_archive", {}).get(spec.name, {})
+    return {"name": spec.name, "path": spec.path, "size": spec.size, **counted}
+
+
+def _archive_distribution(plan: JobPlan, totals: dict) -> dict:
+    """Records read per archive, over the archives this run read."""
+    per_archive = totals.get("per_archive", {})
+    counts = [per_archive.get(spec.name, {}).get("records_read", 0) for spec in plan.archives]
+    if not counts:
+        return {}
+    return {
+        "archive_records_read": {
+            "count": len(counts),
+            "sum": sum(counts),
+            "min": min(counts),
+            "max": max(counts),
+        }
+    }
 
 
 def _damage_reports(output: str) -> list[dict]:
@@ -159,43 +195,149 @@ def _peak_rss(totals: dict) -> int:
     return max(own, children, workers)
 
 
-def run_job(options: PipelineOptions, plan: JobPlan, show_progress: bool = True) -> dict:
-    """Runs the planned job to the end and returns its summary."""
+def _job_description(plan: JobPlan) -> dict:
+    """What decides which records are written and how they are grouped."""
+    record_filter = plan.record_filter
+    return {
+        "inputs": [[spec.path, spec.size] for spec in plan.archives],
+        "subreddits": sorted(record_filter.subreddits),
+        "authors": sorted(record_filter.authors),
+        "since": record_filter.since,
+        "until": record_filter.until,
+        "fields": list(record_filter.fields),
+        "batch_key": record_filter.batch_key,
+        "num_shards": record_filter.num_shards,
+        "max_record_bytes": record_filter.max_record_bytes,
+        "batch_size": plan.batch_size,
+        "batch_handler": plan.batch_handler,
+    }
+
+
+def open_state(options: PipelineOptions, plan: JobPlan):
+    """Locks the output and plans where each archive resumes.
+
+    Returns the plan narrowed to the work left, the held lock and the
+    resume plan (None for a fresh run); raises OptionError when the output
+    is in use or holds a run with other arguments.
+    """
     job = options.view_as(PushshiftOptions)
+    store = StateStore(plan.output, job.checkpoint_dir)
+    lock = store.lock()
+    lock.acquire(plan.output)
+    try:
+        earlier = store.check_fingerprint(_job_description(plan), job.restart)
+        _remove_temporary_files(plan.output)
+        resume = store.plan(list(plan.archives)) if earlier else None
+    except BaseException:
+        lock.release()
+        raise
+    archives = plan.archives
+    if resume is not None:
+        archives = tuple(
+            spec._replace(start=resume.starts.get(spec.archive_id, 0))
+            for spec in plan.archives
+            if spec.archive_id not in resume.finished
+        )
+    narrowed = dataclasses.replace(
+        plan,
+        archives=archives,
+        state_dir=store.folder,
+        resume=ResumeFiles(plan.output, store.ledger_dir, store.skip_path),
+    )
+    return narrowed, lock, resume
+
+
+def _remove_temporary_files(output: str) -> None:
+    """Drops what a killed run left half-written in ``OUTPUT/_tmp``."""
+    leftovers = FileSystems.match([join_path(output, TEMP_DIR, "*")])[0].metadata_list
+    if leftovers:
+        FileSystems.delete([meta.path for meta in leftovers])
+
+
+def run_job(options: PipelineOptions, plan: JobPlan, show_progress: bool = True) -> dict:
+    """Runs the planned job to the end, resuming earlier work, and returns its summary.
+
+    Raises OptionError before any work when the output is in use or holds
+    a run with other arguments.
+    """
+    job = options.view_as(PushshiftOptions)
+    all_archives = plan.archives
+    plan, lock, resume = open_state(options, plan)
+    try:
+        return _run_locked(options, job, plan, all_archives, resume, show_progress)
+    finally:
+        lock.release()
+
+
+def _run_locked(options, job, plan: JobPlan, all_archives, resume, show_progress: bool) -> dict:
     started = time.time()
+    resumed_from = resume.describe(list(plan.archives)) if resume else {}
+    if resume is not None:
+        _LOGGER.info(
+            "resuming: %d of %d archives finished earlier; %s",
+            len(resume.finished),
+            len(all_archives),
+            ", ".join(f"{name} from decompressed byte {start:,}" for name, start in resumed_from.items())
+            or "the others start over",
+        )
+    # The launcher joins the memory ledger before any worker starts: the
+    # default bound is then taken before the job uses memory, and what the
+    # launcher holds (the DirectRunner keeps data between stages there)
+    # counts against it.
+    guard = MemoryGuard.for_launcher(plan.reader.max_memory_bytes, plan.reader.memory_ledger_key)
+    sampler = TreeSampler().start()
     display: Optional[ProgressDisplay] = None
-    if show_progress and plan.reader.progress_dir:
+    if show_progress and plan.reader.progress_dir and plan.archives:
         display = ProgressDisplay(
             plan.reader.progress_dir,
             {spec.name: spec.size for spec in plan.archives},
             interval_secs=min(job.progress_interval_secs, 5.0),
+            resumed_from=resumed_from,
+            max_memory_bytes=guard.max_bytes,
         )
         display.start()
 
+    result = state = None
     try:
-        pipeline = beam.Pipeline(runner=runner_for(options), options=options)
-        build_pipeline(pipeline, plan)
-        result = pipeline.run()
-        state = result.wait_until_finish()
+        if plan.archives:
+            pipeline = beam.Pipeline(runner=runner_for(options), options=options)
+            build_pipeline(pipeline, plan)
+            result = pipeline.run()
+            state = result.wait_until_finish()
     finally:
         if display is not None:
             display.stop()
+        peak_job_rss = sampler.stop()
+        guard.leave()
 
     elapsed = time.time() - started
-    totals = _metric_totals(result)
+    totals = _metric_totals(result) if result is not None else {name: 0 for name in _SUMMARY_COUNTERS}
     damage = _damage_reports(plan.output)
     summary = {
-        "state": str(state),
+        "state": str(state) if state is not None else "DONE (nothing left to do)",
         "runner": runner_name(options),
         "elapsed_secs": round(elapsed, 3),
         **{name: totals.get(name, 0) for name in _SUMMARY_COUNTERS},
         "peak_rss_bytes": _peak_rss(totals),
+        "peak_job_rss_bytes": peak_job_rss,
+        "max_memory_bytes": guard.max_bytes,
         "records_per_sec": round(totals.get("records_read", 0) / elapsed, 1) if elapsed else None,
-        "archives": [{"name": spec.name, "path": spec.path, "size": spec.size} for spec in plan.archives],
+        "archives": [_archive_summary(spec, totals) for spec in all_archives],
+        "resumed": resume is not None,
+        "resumed_from": resumed_from,
+        "finished_before": sorted(
+            spec.name for spec in all_archives if resume and spec.archive_id in resume.finished
+        ),
         "damaged_archives": damage,
         "distributions": {
-            name: value for name, value in totals.items() if isinstance(value, dict)
+            **{
+                name: value
+                for name, value in totals.items()
+                if isinstance(value, dict) and name not in ("per_archive", "gauges")
+            },
+            **_archive_distribution(plan, totals),
         },
+        "gauges": totals.get("gauges", {}),
     }
     summary["status"] = (
         "failed: damaged archives"
@@ -220,8 +362,15 @@ def print_summary(summary: dict, stream=sys.stdout) -> None:
         f" written {summary['records_written']:,} in {summary['batches_written']:,} batches",
         f"dead letters {summary['dead_letters']:,}; bytes read {summary['compressed_bytes_read']:,}"
         f" compressed, {summary['decompressed_bytes_read']:,} decompressed",
-        f"peak resident memory {summary['peak_rss_bytes'] / 2**20:,.0f} MiB;"
-        f" {summary['records_per_sec'] or 0:,.0f} records/s",
+        f"peak resident memory {summary['peak_rss_bytes'] / 2**20:,.0f} MiB in one process,"
+        f" {summary['peak_job_rss_bytes'] / 2**20:,.0f} MiB in the job's local processes"
+        + (
+            f" (bound {summary['max_memory_bytes'] / 2**20:,.0f} MiB,"
+            f" {summary['memory_deferrals']:,} deferrals)"
+            if summary["max_memory_bytes"] > 0
+            else ""
+        )
+        + f"; {summary['records_per_sec'] or 0:,.0f} records/s",
     ]
     for damage in summary["damaged_archives"]:
         lines.append(
@@ -252,6 +401,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    summary = run_job(options, plan)
+    try:
+        summary = run_job(options, plan)
+    except OptionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print_summary(summary)
     return 1 if summary["status"].startswith("failed") else 0

@@ -24,7 +24,7 @@ from transforms.reader import (
     ReadArchiveBlocks,
     ReaderConfig,
 )
-from transforms.records import ParseRecords, RecordFilter
+from transforms.records import ParseRecords, RecordFilter, ResumeFiles
 from transforms.sinks import WriteBatchFiles, WriteDamageReports, WriteDeadLetters
 
 __all__ = ["JobPlan", "build_pipeline", "load_batch_handler"]
@@ -44,15 +44,17 @@ class JobPlan:
     batch_max_buffering_secs: Optional[float]
     fan_out: bool
     batch_handler: Optional[str] = None
+    state_dir: Optional[str] = None
+    resume: Optional[ResumeFiles] = None
 
 
-def load_batch_handler(spec: Optional[str], output: str) -> beam.DoFn:
+def load_batch_handler(spec: Optional[str], output: str, state_dir: Optional[str]) -> beam.DoFn:
     """The DoFn batches are handed to: ``module:Class`` or the file writer."""
     if not spec:
-        return WriteBatchFiles(output)
+        return WriteBatchFiles(output, state_dir)
     module_name, _, class_name = spec.partition(":")
     handler_class = getattr(importlib.import_module(module_name), class_name)
-    return handler_class(output)
+    return handler_class(output, state_dir)
 
 
 def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
@@ -72,14 +74,16 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         blocks = blocks | "FanOut" >> beam.Reshuffle()
 
     parsed = blocks | "ParseRecords" >> beam.ParDo(
-        ParseRecords(plan.record_filter, names)
+        ParseRecords(plan.record_filter, names, plan.resume)
     ).with_output_types(RecordKV).with_outputs(DEAD_LETTER_TAG, main="records")
     records = parsed.records
 
     batches = records | "Batch" >> BatchRecords(
         plan.batch_size, max_buffering_secs=plan.batch_max_buffering_secs
     )
-    _ = batches | "HandOnBatches" >> beam.ParDo(load_batch_handler(plan.batch_handler, plan.output))
+    _ = batches | "HandOnBatches" >> beam.ParDo(
+        load_batch_handler(plan.batch_handler, plan.output, plan.state_dir)
+    )
 
     _ = (
         (read[DEAD_LETTER_TAG], parsed[DEAD_LETTER_TAG])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import queue
 import threading
 from typing import BinaryIO, Iterator, NamedTuple, Optional
 
@@ -60,6 +61,11 @@ DEAD_LETTER_PREVIEW_BYTES = 4096
 _RATIO_SAMPLE_BYTES = 4 * 2**20
 # Lines over which the share of lines that are not JSON objects is judged.
 _JUDGE_LINES = 1000
+# Bytes at the start of each block whose lines are judged.
+_JUDGE_SAMPLE_BYTES = 64 * 2**10
+# Decompressed bytes asked of the decoder at a time while salvaging: the
+# output of one zstd block, whose largest size RFC 8878 sets at 128 KiB.
+_SALVAGE_READ_BYTES = 128 * 2**10
 
 
 class ArchiveSpec(NamedTuple):
@@ -68,6 +74,8 @@ class ArchiveSpec(NamedTuple):
     archive_id: int
     path: str
     size: int
+    # Where a resumed run starts: a line start in decompressed bytes.
+    start: int = 0
 
     @property
     def name(self) -> str:
@@ -116,6 +124,7 @@ class ReaderConfig:
     memory_ledger_key: str = "default"
     progress_dir: str = ""
     progress_interval_secs: float = 10.0
+    read_ahead_blocks: int = 2
 
 
 def _is_plain(path: str) -> bool:
@@ -170,17 +179,40 @@ def _sample_ratio(handle: BinaryIO, size: int) -> float:
 
 
 class _CountingReader:
-    """A file wrapper that counts compressed bytes and walks frame headers."""
+    """A file wrapper that counts compressed bytes and walks frame headers.
 
-    def __init__(self, handle: BinaryIO, walker: Optional[FrameWalker], start: int = 0) -> None:
+    With ``one_unit`` set, each read stops at the end of the frame header,
+    block or checksum being read, so that a decoder fed from it decodes one
+    block per call.
+    """
+
+    def __init__(
+        self,
+        handle: BinaryIO,
+        walker: Optional[FrameWalker],
+        start: int = 0,
+        one_unit: bool = False,
+    ) -> None:
         self._handle = handle
         self.walker = walker
+        self.start = start
         self.position = start
         self.damage: Optional[ArchiveDamage] = None
+        self.unit_offset = start
+        self._one_unit = one_unit
+        self._padded = False
 
     def read(self, size: int = -1) -> bytes:
         if self.damage is not None:
-            return b""
+            return self._end()
+        if self._one_unit and self.walker is not None:
+            # All but the last byte of a unit first: the decoder can then
+            # flush what it holds before the byte that lets it decode (and
+            # perhaps fail on) the unit, a call whose output would be lost.
+            remaining = self.walker.unit_remaining
+            part = remaining - 1 if remaining > 1 else remaining
+            size = part if size < 0 else min(size, part)
+            self.unit_offset = self.walker.unit_offset
         data = self._handle.read(size)
         if self.walker is not None and data:
             try:
@@ -191,11 +223,93 @@ class _CountingReader:
                 self.damage = exc
                 keep = max(0, exc.compressed_offset - self.position)
                 data = data[:keep]
+                if not data:
+                    return self._end()
+        if not data:
+            return self._end()
         self.position += len(data)
         return data
 
+    def _end(self) -> bytes:
+        """Ends the input, first letting the decoder flush what it holds.
+
+        python-zstandard's C decoder calls libzstd only while input is left,
+        so when the input stops exactly after a block of an unfinished frame
+        (a truncated or damaged archive), the part of that block's output
+        that did not fit the last read would be lost. One byte more, which
+        cannot complete the block header or checksum that comes next, makes
+        it flush; the byte itself is never decoded.
+        """
+        walker = self.walker
+        if self._padded or walker is None or not walker.at_block_boundary:
+            return b""
+        self._padded = True
+        return b"\x00"
+
     def readable(self) -> bool:
         return True
+
+
+class _ReadAhead:
+    """Decodes the next blocks in a thread of its own while lines are parsed.
+
+    python-zstandard releases the GIL while libzstd decodes, which is a
+    quarter of the work of reading and parsing an archive; decoded ahead in
+    a thread, it runs on a second core beside the parsing. At most ``depth``
+    decoded blocks wait in the queue. Only the thread touches the stream;
+    Beam metrics and the tracker stay with the caller, whose thread Beam
+    set up for them.
+    """
+
+    def __init__(self, stream, counter: _CountingReader, chunk_bytes: int, depth: int) -> None:
+        self._stream = stream
+        self._counter = counter
+        self._chunk_bytes = chunk_bytes
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._ended = False
+        self._position = counter.position
+        self._thread = threading.Thread(target=self._decode, name="zstd-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _decode(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self._stream.read(self._chunk_bytes)
+                if not self._put((chunk, self._counter.position, None)) or not chunk:
+                    return
+        except Exception as exc:  # Raised again in the reading thread.
+            self._put((b"", self._counter.position, exc))
+
+    def _put(self, item: tuple) -> bool:
+        """Queues an item; False once the reader has stopped listening."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self) -> tuple[bytes, int]:
+        """The next decoded bytes and the compressed position after them.
+
+        Empty bytes at the end; raises what decoding raised.
+        """
+        if self._ended:
+            return b"", self._position
+        chunk, self._position, error = self._queue.get()
+        if error is not None or not chunk:
+            self._ended = True
+            self._thread.join()
+        if error is not None:
+            raise error
+        return chunk, self._position
+
+    def close(self) -> None:
+        """Stops the thread and waits for it, so the file can be closed."""
+        self._stop.set()
+        self._thread.join()
 
 
 class _ArchiveRestrictions(RestrictionProvider):
@@ -207,7 +321,7 @@ class _ArchiveRestrictions(RestrictionProvider):
     def initial_restriction(self, element: ArchiveSpec) -> ArchiveRestriction:
         index = archive_index(element.path, element.size)
         stop = index.decompressed_size if index.decompressed_size is not None else END_OF_ARCHIVE
-        return ArchiveRestriction(element.path, 0, stop)
+        return ArchiveRestriction(element.path, min(element.start, stop), stop)
 
     def create_tracker(self, restriction: ArchiveRestriction) -> ArchiveTracker:
         index = archive_index(restriction.path, _size_of(restriction.path))
@@ -256,17 +370,37 @@ def _size_of(path: str) -> int:
     return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
 
 
-class ReadArchiveBlocks(beam.DoFn):
+class ReadArchiveBlocks(beam.DoFn, RestrictionProvider):
     """Emits ``LineBlock``s of an archive's lines, one restriction at a time.
 
     Outputs tagged ``dead_letter`` carry lines too long to hold; outputs
     tagged ``damage`` say where an archive stopped being readable.
+
+    The DoFn is its own restriction provider, delegating to one built from
+    its config: Beam takes the provider from ``process``'s default argument,
+    which is fixed when the class is defined, so a provider given there
+    would never see this instance's ``desired_split_bytes``.
     """
 
     def __init__(self, config: ReaderConfig, archive_names: dict[int, str]) -> None:
         self._config = config
         self._names = archive_names
         self._provider = _ArchiveRestrictions(config)
+
+    def initial_restriction(self, element: ArchiveSpec) -> ArchiveRestriction:
+        return self._provider.initial_restriction(element)
+
+    def create_tracker(self, restriction: ArchiveRestriction) -> ArchiveTracker:
+        return self._provider.create_tracker(restriction)
+
+    def split(self, element: ArchiveSpec, restriction: ArchiveRestriction):
+        return self._provider.split(element, restriction)
+
+    def restriction_size(self, element: ArchiveSpec, restriction: ArchiveRestriction) -> int:
+        return self._provider.restriction_size(element, restriction)
+
+    def restriction_coder(self) -> ArchiveRestrictionCoder:
+        return self._provider.restriction_coder()
 
     def setup(self) -> None:
         config = self._config
@@ -277,7 +411,7 @@ class ReadArchiveBlocks(beam.DoFn):
     def process(
         self,
         element: ArchiveSpec,
-        tracker=beam.DoFn.RestrictionParam(_ArchiveRestrictions(ReaderConfig())),
+        tracker=beam.DoFn.RestrictionParam(),
     ) -> Iterator:
         restriction: ArchiveRestriction = tracker.current_restriction()
         if restriction.start >= restriction.stop:
@@ -287,14 +421,26 @@ class ReadArchiveBlocks(beam.DoFn):
         need = self._guard.decoder_cost(
             index, config.read_chunk_bytes, config.block_bytes, config.max_record_bytes
         )
-        reservation = self._guard.try_reserve(need, element.name)
+        stats = progress.archive_stats(element.name, element.size)
+        # Waiting a moment in place first keeps a runner that resumes
+        # deferred work at once (the FnApiRunner) from spinning.
+        reservation = self._guard.try_reserve(
+            need, element.name, wait_secs=min(config.memory_retry_secs, 1.0)
+        )
         if reservation is None:
+            stats.defer()
+            progress.flush()
             tracker.defer_remainder(Duration(seconds=self._config.memory_retry_secs))
             return
+        stats.begin(whole=restriction.start == 0 and not index.splittable)
         try:
             yield from _Pass(element, index, restriction, tracker, self._config, self._guard).run()
         finally:
+            # _Pass.run has dropped the decoder by now, so the memory the
+            # reservation stood for is free when it is released.
             reservation.release()
+            stats.end()
+            progress.flush()
 
 
 class _Pass:
@@ -309,6 +455,8 @@ class _Pass:
         self.guard = guard
         self.stats = progress.archive_stats(element.name, element.size)
         self.decode_error: Optional[str] = None
+        self.decode_error_offset: Optional[int] = None
+        self._ahead: Optional[_ReadAhead] = None
         self._window_lines = 0
         self._window_bad = 0
 
@@ -331,30 +479,106 @@ class _Pass:
                 walker = FrameWalker(compressed_start)
                 self.counter = _CountingReader(handle, walker, compressed_start)
                 decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
+                # Kept so that a salvage after a decode error reuses its window.
+                self.decompressor = decompressor
                 self.stream = decompressor.stream_reader(
                     self.counter, read_size=self.config.read_chunk_bytes, read_across_frames=True
                 )
+                if self.config.read_ahead_blocks > 0:
+                    self._ahead = _ReadAhead(
+                        self.stream,
+                        self.counter,
+                        self.config.block_bytes,
+                        self.config.read_ahead_blocks,
+                    )
             self._last_compressed = compressed_start
             yield from self._read(position, start)
         finally:
+            if self._ahead is not None:
+                self._ahead.close()
             handle.close()
+            # The decoder's window is freed only with the decompressor; drop
+            # every reference now, even when an exception's traceback keeps
+            # this frame alive, so the memory guard's release is true.
+            self.stream = self.decompressor = decompressor = None  # noqa: F841
 
     def _next_chunk(self) -> bytes:
         """The next decompressed bytes; empty at the end or at damage."""
         if self.decode_error is not None:
             return b""
         try:
-            chunk = self.stream.read(self.config.block_bytes)
+            if self._ahead is not None:
+                chunk, position = self._ahead.next()
+            else:
+                chunk = self.stream.read(self.config.block_bytes)
+                position = self.counter.position
         except zstandard.ZstdError as exc:
             self.decode_error = f"zstd could not decode the archive: {exc}"
-            return b""
-        compressed = self.counter.position - self._last_compressed
-        self._last_compressed = self.counter.position
+            chunk = self._salvage()
+            position = self.counter.position
+            if not chunk:
+                return b""
+        compressed = position - self._last_compressed
+        self._last_compressed = position
         metrics.COMPRESSED_BYTES.inc(compressed)
         metrics.DECOMPRESSED_BYTES.inc(len(chunk))
-        self.stats.advance(compressed, len(chunk), self.counter.position)
+        name = self.element.name
+        metrics.archive_counter("compressed_bytes_read", name).inc(compressed)
+        metrics.archive_counter("decompressed_bytes_read", name).inc(len(chunk))
+        self.stats.advance(compressed, len(chunk), position, chunk.count(b"\n"))
         self.guard.throttle()
         return chunk
+
+    def _salvage(self) -> bytes:
+        """What the failed read had decoded before the part that failed.
+
+        python-zstandard drops everything a read decoded when the read
+        fails, so a corrupt block or a wrong checksum would cost up to
+        ``block_bytes`` of good lines before it. This decodes the pass's
+        frames again from where the pass started, with the same decoder and
+        so no more memory, skips what was handed on and then feeds one zstd
+        block per decoder call: the call that fails holds only the bad
+        block. It costs a second decompression of what the pass had read,
+        once per damaged archive. Also records where decoding failed.
+        """
+        delivered = self.stream.tell()
+        limit = self.config.block_bytes
+        start = self.counter.start
+        parts: list[bytes] = []
+        salvaged = skipped = 0
+        try:
+            handle = _open_raw(self.element.path)
+        except OSError as exc:
+            _LOGGER.warning("%s: could not reopen to salvage lines: %s", self.element.name, exc)
+            return b""
+        try:
+            handle.seek(start)
+            counter = _CountingReader(handle, FrameWalker(start), start, one_unit=True)
+            stream = self.decompressor.stream_reader(
+                counter, read_size=_SALVAGE_READ_BYTES, read_across_frames=True
+            )
+            while skipped < delivered:
+                chunk = stream.read(min(delivered - skipped, limit))
+                if not chunk:
+                    return b""
+                skipped += len(chunk)
+            # The failed read returned nothing, so what it had decoded before
+            # the bad block is less than ``limit``; reaching it means the
+            # error did not happen again, and the salvage ends there.
+            while salvaged < limit:
+                chunk = stream.read1(min(_SALVAGE_READ_BYTES, limit - salvaged))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                salvaged += len(chunk)
+        except zstandard.ZstdError:
+            if skipped >= delivered:
+                self.decode_error_offset = counter.unit_offset
+        except OSError as exc:
+            _LOGGER.warning("%s: could not salvage lines: %s", self.element.name, exc)
+        finally:
+            handle.close()
+        return b"".join(parts)
 
     def _damage(self) -> Optional[str]:
         """Why the stream ended early, or None if it ended cleanly."""
@@ -368,6 +592,9 @@ class _Pass:
                 walker.finish()
             except ArchiveDamage as exc:
                 return str(exc)
+            if walker.offset == 0:
+                # Not a valid zstd stream, and most often a failed download.
+                return "the archive is empty: a .zst file of 0 bytes holds no zstd frame"
         return None
 
     def _read(self, position: int, start: int) -> Iterator:
@@ -385,10 +612,9 @@ class _Pass:
             chunk = self._next_chunk()
             if not chunk:
                 break
-            data = pending + chunk if pending else chunk
-            cut = data.rfind(b"\n")
+            cut = chunk.rfind(b"\n")
             if cut < 0:
-                pending = data
+                pending = pending + chunk if pending else chunk
                 if len(pending) > max_record:
                     outcome = yield from self._oversized(pending, line_start)
                     if outcome is None:
@@ -396,9 +622,14 @@ class _Pass:
                     pending, line_start = outcome
                 continue
             block_start = line_start
-            pending = data[cut + 1 :]
-            line_start += cut + 1
-            block = data[: cut + 1]
+            # The unfinished line and the chunk up to its last newline, in
+            # one copy; ``pending`` never holds a newline.
+            if pending:
+                block = b"".join((pending, memoryview(chunk)[: cut + 1]))
+            else:
+                block = chunk[: cut + 1]
+            pending = chunk[cut + 1 :]
+            line_start += len(block)
             if not (yield from self._emit(block, block_start)):
                 return
             verdict = self._judge_lines(block)
@@ -413,16 +644,32 @@ class _Pass:
             return
         if pending and not (yield from self._emit(pending, line_start)):
             return
+        yield from self._finish(line_start + len(pending))
+
+    def _finish(self, end_offset: int) -> Iterator:
+        """Ends the archive: an empty block marks where it ended.
+
+        The marker lets a resumed run tell a finished archive from one that
+        was cut off, without reading it again.
+        """
+        yield LineBlock(self.element.archive_id, end_offset, b"")
         self.tracker.try_claim(END_OF_ARCHIVE)
 
     def _judge_lines(self, block: bytes) -> Optional[str]:
         """Says why to stop if too many recent lines are not JSON objects.
 
         Counted without parsing: a line of a dump starts with ``{``. The
-        share is judged over windows of ``_JUDGE_LINES`` lines.
+        share is judged over windows of ``_JUDGE_LINES`` lines. The lines
+        that start in a block's first ``_JUDGE_SAMPLE_BYTES`` stand for the
+        block: counting ``\n{`` over all of it would cost a quarter of the
+        time of parsing it.
         """
-        lines = block.count(b"\n")
-        objects = block.count(b"\n{") + (block[:1] == b"{")
+        end = len(block)
+        if end > _JUDGE_SAMPLE_BYTES:
+            # A block ends with a newline, so one is found.
+            end = block.find(b"\n", _JUDGE_SAMPLE_BYTES - 1) + 1
+        lines = block.count(b"\n", 0, end)
+        objects = block.count(b"\n{", 0, end) + (block[:1] == b"{")
         self._window_lines += lines
         self._window_bad += lines - objects
         if self._window_lines < _JUDGE_LINES:
@@ -492,7 +739,7 @@ class _Pass:
         if damage is not None:
             yield from self._damaged(damage, position, b"", position)
         else:
-            self.tracker.try_claim(END_OF_ARCHIVE)
+            yield from self._finish(position)
 
     def _oversized(self, pending: bytes, line_start: int):
         """Dead-letters a line longer than the limit without holding it."""
@@ -529,7 +776,9 @@ class _Pass:
 
     def _damaged(self, reason: str, decompressed_offset: int, pending: bytes, pending_start: int):
         """Reports damage, dead-letters a cut last line and ends the pass."""
-        if self.counter.damage is not None:
+        if self.decode_error_offset is not None:
+            compressed_offset = self.decode_error_offset
+        elif self.counter.damage is not None:
             compressed_offset = self.counter.damage.compressed_offset
         else:
             compressed_offset = self.counter.position
@@ -563,4 +812,4 @@ class _Pass:
                 reason,
             ),
         )
-        self.tracker.try_claim(END_OF_ARCHIVE)
+        yield from self._finish(decompressed_offset)

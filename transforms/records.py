@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import re
 from typing import Iterator, Optional
 
 import apache_beam as beam
 import orjson
 
 from transforms import metrics
+from transforms.files import Ledger, read_positions
 from transforms.reader import DEAD_LETTER_PREVIEW_BYTES, DEAD_LETTER_TAG, DeadLetter, LineBlock
 
 __all__ = [
@@ -32,6 +35,10 @@ BATCH_KEYS = ("subreddit", "author", "none")
 _OFFSET_BITS = 48
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
 
+# A ledger row: archive, start, end, matches, dead letters, flags.
+LEDGER_FIELDS = 6
+LEDGER_EOF = 1
+
 _BOM = b"\xef\xbb\xbf"
 _MISSING_KEY = "_missing"
 
@@ -48,18 +55,28 @@ def offset_of(position: int) -> int:
     return position & _OFFSET_MASK
 
 
+@dataclasses.dataclass(frozen=True)
+class ResumeFiles:
+    """Where parsing notes its progress and finds what a resumed run skips."""
+
+    output: str
+    ledger_dir: str
+    skip_path: str
+
+
 def parse_created_utc(value: object) -> Optional[float]:
-    """Epoch seconds from an int, a float or a numeric string; else None."""
-    if isinstance(value, bool):
+    """Epoch seconds from an int, a float or a numeric string; else None.
+
+    NaN and infinities are None too: NaN would pass every time bound.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+    try:
+        seconds = float(value)
+    except (ValueError, OverflowError):
+        # Not a number, or an integer too large for a double.
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +136,61 @@ def _strict_json(text: str) -> object:
     return json.loads(text, parse_constant=refuse)
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# The JSON escape of a surrogate; the standard library keeps a lone one as
+# a code point that no UTF-8 encoder (nor Beam's string coder) accepts.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# Integer literals this long may lie beyond the 64 bits orjson holds
+# exactly; it reads them as floats.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def _portable(value: object, finite: bool) -> tuple[object, int]:
+    """A parsed value that any JSON encoder takes, and how many parts changed.
+
+    Lone surrogates become U+FFFD; with ``finite``, numbers beyond a double
+    (read as infinity) become null, as orjson writes them.
+    """
+    changed = 0
+
+    def clean(item: object) -> object:
+        nonlocal changed
+        if isinstance(item, str):
+            cleaned, count = _SURROGATES.subn("\ufffd", item)
+            changed += count
+            return cleaned
+        if isinstance(item, dict):
+            return {clean(key): clean(inner) for key, inner in item.items()}
+        if isinstance(item, list):
+            return [clean(inner) for inner in item]
+        if finite and isinstance(item, float) and not math.isfinite(item):
+            changed += 1
+            return None
+        return item
+
+    return clean(value), changed
+
+
+def _project(record: dict, line: bytes, fields: tuple[str, ...]) -> bytes:
+    """The selected fields of a record as one JSON line, numbers exact.
+
+    orjson serialises almost every record. A line with a long digit run may
+    hold an integer beyond 64 bits, which orjson read as a float and the
+    standard library reads exactly, so such a line is parsed again.
+    """
+    selected = {name: record[name] for name in fields if name in record}
+    if _LONG_NUMBER.search(line) is None:
+        return orjson.dumps(selected)
+    try:
+        exact = _strict_json(line.decode("utf-8", errors="replace"))
+        if type(exact) is not dict:
+            return orjson.dumps(selected)
+        chosen, _ = _portable({name: exact[name] for name in fields if name in exact}, finite=True)
+    except (ValueError, RecursionError):
+        return orjson.dumps(selected)
+    return json.dumps(chosen, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 class ParseRecords(beam.DoFn):
     """Parses each line of a block, filters it and keys the matches.
 
@@ -127,20 +199,45 @@ class ParseRecords(beam.DoFn):
     objects go to the ``dead_letter`` output with their offset and reason.
     """
 
-    def __init__(self, record_filter: RecordFilter, archive_names: dict[int, str]) -> None:
+    def __init__(
+        self,
+        record_filter: RecordFilter,
+        archive_names: dict[int, str],
+        resume: Optional[ResumeFiles] = None,
+    ) -> None:
         self._filter = record_filter
         self._names = archive_names
+        self._resume = resume
+
+    def setup(self) -> None:
+        resume = self._resume
+        self._skip = read_positions(resume.skip_path) if resume else frozenset()
+        self._ledger = Ledger(resume.output, resume.ledger_dir, LEDGER_FIELDS) if resume else None
+
+    def finish_bundle(self) -> None:
+        if self._ledger is not None:
+            self._ledger.flush()
+
+    def teardown(self) -> None:
+        if self._ledger is not None:
+            self._ledger.flush()
 
     def process(self, block: LineBlock) -> Iterator:
         archive_id, offset, data = block
+        if not data:
+            # The reader's marker that this archive ended here.
+            if self._ledger is not None:
+                self._ledger.add(archive_id, offset, offset, 0, 0, LEDGER_EOF)
+            return
         record_filter = self._filter
         fields = record_filter.fields
         max_record = record_filter.max_record_bytes
         matches = record_filter.matches
         key_of = record_filter.key_of
         loads = orjson.loads
+        skip = self._skip
         base = archive_id << _OFFSET_BITS
-        read = matched = 0
+        read = matched = dead = skipped = 0
 
         lines = data.split(b"\n")
         if data.endswith(b"\n"):
@@ -151,36 +248,54 @@ class ParseRecords(beam.DoFn):
             position += len(line) + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
+            problem = None
             if len(line) > max_record:
-                yield self._dead(archive_id, line_offset, line, f"record of {len(line)} bytes exceeds --max_record_bytes ({max_record})")
-                continue
-            try:
-                record = loads(line)
-            except orjson.JSONDecodeError as exc:
-                if not line.strip():
-                    metrics.BLANK_LINES.inc()
-                    continue
-                record, line, problem = self._parse_slowly(line, exc)
-                if problem is not None:
+                problem = f"record of {len(line)} bytes exceeds --max_record_bytes ({max_record})"
+            else:
+                try:
+                    record = loads(line)
+                except orjson.JSONDecodeError as exc:
+                    if not line.strip():
+                        metrics.BLANK_LINES.inc()
+                        continue
+                    record, line, problem = self._parse_slowly(line, exc)
+                if problem is None and type(record) is not dict:
+                    problem = f"JSON {type(record).__name__}, not an object"
+            if problem is not None:
+                dead += 1
+                if not skip or (base | line_offset) not in skip:
                     yield self._dead(archive_id, line_offset, line, problem)
-                    continue
-            if type(record) is not dict:
-                yield self._dead(archive_id, line_offset, line, f"JSON {type(record).__name__}, not an object")
                 continue
             read += 1
             if not matches(record):
                 continue
             matched += 1
             global_pos = base | line_offset
+            if skip and global_pos in skip:
+                # Written by the run this one resumes.
+                skipped += 1
+                continue
             if fields:
-                line = orjson.dumps({name: record[name] for name in fields if name in record})
+                line = _project(record, line, fields)
             yield key_of(record, global_pos), (global_pos, line)
 
         metrics.RECORDS_READ.inc(read)
         metrics.RECORDS_MATCHED.inc(matched)
+        archive = self._names.get(archive_id, str(archive_id))
+        metrics.archive_counter("records_read", archive).inc(read)
+        metrics.archive_counter("records_matched", archive).inc(matched)
+        if skipped:
+            metrics.RECORDS_SKIPPED_ON_RESUME.inc(skipped)
+        if self._ledger is not None:
+            self._ledger.add(archive_id, offset, offset + len(data), matched, dead, 0)
 
     def _parse_slowly(self, line: bytes, error: Exception):
-        """Second chances for a line orjson refused: BOM, bad UTF-8, big ints.
+        """Second chances for a line orjson refused.
+
+        A byte-order mark is dropped. Bytes that are not UTF-8, and escapes
+        of lone surrogates, reach the filters as U+FFFD while the line is
+        written as it was read. The standard library parses what orjson
+        cannot hold: numbers beyond a double (``1e999``), lone surrogates.
 
         Returns (record, line to write, problem); problem is None when the
         line is a usable record after all.
@@ -193,23 +308,28 @@ class ParseRecords(beam.DoFn):
                 error = exc
         try:
             text = line.decode("utf-8")
-            invalid_utf8 = False
+            invalid = False
         except UnicodeDecodeError:
             text = line.decode("utf-8", errors="replace")
-            invalid_utf8 = True
+            invalid = True
+        if invalid:
+            try:
+                record = orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                error = exc
+            else:
+                metrics.INVALID_UTF8_RECORDS.inc()
+                return record, line, None
         try:
-            record = orjson.loads(text) if invalid_utf8 else _strict_json(text)
+            record = _strict_json(text)
+            if _SURROGATE_ESCAPE.search(text):
+                record, replaced = _portable(record, finite=False)
+                invalid = invalid or replaced > 0
         except RecursionError:
             return None, line, "JSON nested too deeply to parse"
-        except (ValueError, orjson.JSONDecodeError):
-            if invalid_utf8:
-                try:
-                    record = _strict_json(text)
-                except (ValueError, RecursionError):
-                    return None, line, f"not valid JSON: {error}"
-            else:
-                return None, line, f"not valid JSON: {error}"
-        if invalid_utf8:
+        except ValueError:
+            return None, line, f"not valid JSON: {error}"
+        if invalid:
             metrics.INVALID_UTF8_RECORDS.inc()
         return record, line, None
 

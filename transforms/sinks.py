@@ -11,22 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import uuid
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 import zstandard
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
 from transforms import metrics
+from transforms.files import encode_positions, join_path, write_atomically
 from transforms.reader import Damage, DeadLetter
 from transforms.records import archive_of, offset_of
 
 __all__ = [
     "BATCHES_DIR",
+    "BatchHandler",
     "DAMAGE_DIR",
     "DEAD_LETTER_DIR",
     "WriteBatchFiles",
@@ -42,7 +40,8 @@ _LOGGER = logging.getLogger(__name__)
 BATCHES_DIR = "batches"
 DEAD_LETTER_DIR = "dead_letter"
 DAMAGE_DIR = "_damage"
-TEMP_DIR = "_tmp"
+# Under the state folder: which positions each handed-on batch held.
+MANIFEST_DIR = "written"
 
 # Longest part of a file name taken from a key; the rest is a digest.
 _MAX_LABEL = 60
@@ -65,55 +64,75 @@ def batch_file_name(key: str, first_position: int) -> str:
     return f"{safe_label(key)}-a{archive:04d}-{offset:015d}.jsonl.zst"
 
 
-def join_path(*parts: str) -> str:
-    return FileSystems.join(*parts)
+class BatchHandler(beam.DoFn):
+    """The step a batch is handed to; subclass it to plug in another.
 
-
-def write_atomically(output: str, final_path: str, payload: bytes) -> None:
-    """Writes ``payload`` to a temporary file, then renames it into place."""
-    temporary = join_path(output, TEMP_DIR, f"{uuid.uuid4().hex}.part")
-    with FileSystems.create(
-        temporary, "application/octet-stream", CompressionTypes.UNCOMPRESSED
-    ) as handle:
-        handle.write(payload)
-    if "://" not in final_path:
-        # A local rename replaces the target in one step; the folder must exist.
-        os.makedirs(os.path.dirname(final_path), exist_ok=True)
-        os.replace(temporary, final_path)
-        return
-    if FileSystems.exists(final_path):
-        FileSystems.delete([final_path])
-    FileSystems.rename([temporary], [final_path])
-
-
-class WriteBatchFiles(beam.DoFn):
-    """Writes each batch as one zstd-compressed JSONL file.
-
-    This is the default batch handler: the step a batch is handed to. A
-    handler receives (key, records), each record a (position, line) pair,
-    and may do with the batch what it likes; ``--batch_handler`` names
-    another DoFn class to use instead.
+    A handler receives (key, records), each record a (position, line) pair
+    sorted by position, in ``hand_on``. After ``hand_on`` returns, the base
+    class notes the batch's positions in the job state, so a resumed run
+    does not hand those records on again; a batch whose ``hand_on`` was cut
+    short by a crash is handed on again, so a handler that writes elsewhere
+    should be idempotent per batch (``batch_id`` is stable across runs).
+    ``--batch_handler module:Class`` selects a subclass; it is built with
+    the output folder and the state folder.
     """
 
-    def __init__(self, output: str, compression_level: int = 3) -> None:
+    def __init__(self, output: str, state_dir: str | None = None) -> None:
         self._output = output
+        self._state_dir = state_dir
+
+    def hand_on(self, batch_id: str, key: str, records: list[tuple[int, bytes]]) -> None:
+        raise NotImplementedError
+
+    # Whether the manifest must exist before the batch can be seen: true for
+    # handlers whose output shows the batch is finished (the file writer).
+    manifest_first = False
+
+    def process(self, batch: tuple[str, Iterable[tuple[int, bytes]]]) -> Iterator[str]:
+        key, records = batch
+        records = sorted(records)
+        batch_id = batch_file_name(key, records[0][0])
+        if self.manifest_first:
+            self._note_handed_on(batch_id, records)
+            self.hand_on(batch_id, key, records)
+        else:
+            self.hand_on(batch_id, key, records)
+            self._note_handed_on(f"handed-{batch_id}", records)
+        metrics.BATCHES_WRITTEN.inc()
+        metrics.RECORDS_WRITTEN.inc(len(records))
+        metrics.BATCH_RECORDS.update(len(records))
+        yield batch_id
+
+    def _note_handed_on(self, name: str, records: list[tuple[int, bytes]]) -> None:
+        if self._state_dir:
+            manifest = join_path(self._state_dir, MANIFEST_DIR, f"{name}.pos")
+            positions = encode_positions(position for position, _ in records)
+            write_atomically(self._output, manifest, positions)
+
+
+class WriteBatchFiles(BatchHandler):
+    """Writes each batch as one zstd-compressed JSONL file: the default handler.
+
+    The batch's manifest is written before the batch file is renamed into
+    ``batches/``, so every batch file there has one; a manifest without its
+    batch file belongs to a batch that was never finished.
+    """
+
+    manifest_first = True
+
+    def __init__(self, output: str, state_dir: str | None = None, compression_level: int = 3) -> None:
+        super().__init__(output, state_dir)
         self._level = compression_level
 
     def setup(self) -> None:
         self._compressor = zstandard.ZstdCompressor(level=self._level)
 
-    def process(self, batch: tuple[str, Iterable[tuple[int, bytes]]]) -> Iterator[str]:
-        key, records = batch
-        records = sorted(records)
+    def hand_on(self, batch_id: str, key: str, records: list[tuple[int, bytes]]) -> None:
         payload = b"".join(line + b"\n" for _, line in records)
-        path = join_path(self._output, BATCHES_DIR, batch_file_name(key, records[0][0]))
+        path = join_path(self._output, BATCHES_DIR, batch_id)
         write_atomically(self._output, path, self._compressor.compress(payload))
-        metrics.BATCHES_WRITTEN.inc()
-        metrics.RECORDS_WRITTEN.inc(len(records))
-        metrics.BATCH_RECORDS.update(len(records))
         for _, line in records:
             metrics.RECORD_BYTES.update(len(line))
-        yield path
 
 
 def dead_letter_json(letter: DeadLetter) -> bytes:
