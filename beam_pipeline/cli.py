@@ -32,7 +32,7 @@ from beam_pipeline.options import (  # noqa: E402
 )
 from beam_pipeline.pipeline import JobPlan, build_pipeline  # noqa: E402
 from beam_pipeline.state import StateStore  # noqa: E402
-from runners import profiles, runner_for, runner_name  # noqa: E402
+from runners import prepare_options, profiles, runner_for, runner_name  # noqa: E402
 from transforms.memory import AUTO_MAX_MEMORY, MemoryGuard, TreeSampler  # noqa: E402
 from transforms.metrics import NAMESPACE, split_archive_metric  # noqa: E402
 from transforms.files import TEMP_DIR, join_path  # noqa: E402
@@ -86,6 +86,7 @@ def _print_help() -> None:
 def prepare(options: PipelineOptions) -> JobPlan:
     """Checks the options and inputs and plans the job; raises OptionError."""
     job = options.view_as(PushshiftOptions)
+    prepare_options(options)
     if not job.input:
         raise OptionError("--input is required: name at least one archive or glob")
     if not job.output:
@@ -103,6 +104,11 @@ def prepare(options: PipelineOptions) -> JobPlan:
     local_output = "://" not in job.output
     if local_output:
         config = dataclasses.replace(config, progress_dir=os.path.join(job.output, PROGRESS_DIR))
+    if runner_name(options) == "DirectRunner":
+        # The FnApiRunner drops the work a DoFn defers when it runs more than
+        # one worker (its parallel bundles merge away the residuals), so a
+        # reader there waits for memory in place instead of deferring.
+        config = dataclasses.replace(config, memory_wait_secs=float("inf"))
 
     fan_out = job.fan_out == "on" or (
         job.fan_out == "auto" and profiles.runner_defaults(runner_name(options)).get("fan_out") == "on"
@@ -232,15 +238,21 @@ def open_state(options: PipelineOptions, plan: JobPlan):
         lock.release()
         raise
     archives = plan.archives
+    reader = plan.reader
     if resume is not None:
         archives = tuple(
-            spec._replace(start=resume.starts.get(spec.archive_id, 0))
+            spec._replace(
+                start=resume.starts.get(spec.archive_id, 0),
+                replay_until=resume.replay_until.get(spec.archive_id, 0),
+            )
             for spec in plan.archives
             if spec.archive_id not in resume.finished
         )
+        reader = dataclasses.replace(reader, replay_path=store.replay_path)
     narrowed = dataclasses.replace(
         plan,
         archives=archives,
+        reader=reader,
         state_dir=store.folder,
         resume=ResumeFiles(plan.output, store.ledger_dir, store.skip_path),
     )
@@ -274,10 +286,15 @@ def _run_locked(options, job, plan: JobPlan, all_archives, resume, show_progress
     resumed_from = resume.describe(list(plan.archives)) if resume else {}
     if resume is not None:
         _LOGGER.info(
-            "resuming: %d of %d archives finished earlier; %s",
+            "resuming: %d of %d archives finished earlier; %d records to produce again,"
+            " %d already written past the resume points; %s",
             len(resume.finished),
             len(all_archives),
-            ", ".join(f"{name} from decompressed byte {start:,}" for name, start in resumed_from.items())
+            resume.replay_count,
+            resume.skip_count,
+            ", ".join(
+                f"{name} after decompressed byte {start:,}" for name, start in resumed_from.items()
+            )
             or "the others start over",
         )
     # The launcher joins the memory ledger before any worker starts: the

@@ -63,7 +63,9 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
 
     read = (
         pipeline
-        | "Archives" >> beam.Create(list(plan.archives), reshuffle=False)
+        # Reshuffled so that a runner spreads the archives over its workers:
+        # without it the FnApiRunner hands them all to one.
+        | "Archives" >> beam.Create(list(plan.archives), reshuffle=True)
         | "ReadArchives"
         >> beam.ParDo(ReadArchiveBlocks(plan.reader, names)).with_outputs(
             DEAD_LETTER_TAG, DAMAGE_TAG, main="blocks"
@@ -81,9 +83,10 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     batches = records | "Batch" >> BatchRecords(
         plan.batch_size, max_buffering_secs=plan.batch_max_buffering_secs
     )
-    _ = batches | "HandOnBatches" >> beam.ParDo(
-        load_batch_handler(plan.batch_handler, plan.output, plan.state_dir)
-    )
+    full_batches, grouped_batches = batches
+    handler = load_batch_handler(plan.batch_handler, plan.output, plan.state_dir)
+    _ = full_batches | "HandOnFullBatches" >> beam.ParDo(handler)
+    _ = grouped_batches | "HandOnGroupedBatches" >> beam.ParDo(handler)
 
     _ = (
         (read[DEAD_LETTER_TAG], parsed[DEAD_LETTER_TAG])

@@ -56,6 +56,7 @@ STATE_DIR = "_state"
 WRITTEN_DIR = MANIFEST_DIR
 LEDGER_DIR = "blocks"
 SKIP_FILE = "resume-skip.pos"
+REPLAY_FILE = "resume-replay.pos"
 JOB_FILE = "job.json"
 LOCK_FILE = "lock"
 
@@ -71,15 +72,27 @@ def job_fingerprint(description: dict) -> str:
 
 @dataclasses.dataclass
 class ResumePlan:
-    """Where each archive resumes, and what past that point is already out."""
+    """Where each archive resumes, and what of it must be produced again.
+
+    ``starts`` is the first line each archive reads. Below ``replay_until``
+    only the lines at the positions in the replay file are produced again:
+    those the earlier run parsed but whose output never reached disk. From
+    ``replay_until`` on everything is read, less the skip file's positions.
+    """
 
     starts: dict[int, int]
+    replay_until: dict[int, int]
     finished: set[int]
-    skip: list[int]
+    replay_count: int
+    skip_count: int
     resumed: bool
 
     def describe(self, archives: list[ArchiveSpec]) -> dict[str, int]:
-        return {spec.name: self.starts[spec.archive_id] for spec in archives if self.starts.get(spec.archive_id)}
+        return {
+            spec.name: self.replay_until[spec.archive_id]
+            for spec in archives
+            if self.replay_until.get(spec.archive_id)
+        }
 
 
 def _list(pattern: str) -> list[str]:
@@ -191,6 +204,10 @@ class StateStore:
     def skip_path(self) -> str:
         return FileSystems.join(self.folder, SKIP_FILE)
 
+    @property
+    def replay_path(self) -> str:
+        return FileSystems.join(self.folder, REPLAY_FILE)
+
     def _write(self, path: str, payload: bytes) -> None:
         write_atomically(self.output, path, payload)
 
@@ -200,7 +217,7 @@ class StateStore:
     def restart(self) -> None:
         """Removes the state and everything an earlier run wrote."""
         parts = [FileSystems.join(self.output, part) for part in _OUTPUT_PARTS]
-        parts += [FileSystems.join(self.folder, name) for name in (WRITTEN_DIR, LEDGER_DIR, SKIP_FILE, JOB_FILE)]
+        parts += [FileSystems.join(self.folder, name) for name in (WRITTEN_DIR, LEDGER_DIR, SKIP_FILE, REPLAY_FILE, JOB_FILE)]
         for path in parts:
             if "://" in path:
                 _delete(_list(path + "*"))
@@ -246,23 +263,39 @@ class StateStore:
         written = self._written_positions()
         written.extend(self._dead_letter_positions(archives))
         written.sort()
-        intervals = self._ledger()
+        ledger = self._ledger()
 
         starts: dict[int, int] = {}
+        until: dict[int, int] = {}
         finished: set[int] = set()
+        replay: list[int] = []
         skip: list[int] = []
         for spec in archives:
-            done, at_end = _done_prefix(intervals.get(spec.archive_id, []), written, spec.archive_id)
-            starts[spec.archive_id] = done
-            if at_end:
-                finished.add(spec.archive_id)
-            low = bisect.bisect_left(written, global_position(spec.archive_id, done))
+            first = global_position(spec.archive_id, 0)
+            covered, at_end, parsed = _coverage(ledger.get(spec.archive_id, ([], [])))
+            boundary = global_position(spec.archive_id, covered)
+            low = bisect.bisect_left(written, first)
+            middle = bisect.bisect_left(written, boundary)
             high = bisect.bisect_left(written, global_position(spec.archive_id + 1, 0))
-            skip.extend(written[low:high])
+            on_disk = set(written[low:middle])
+            again = sorted(
+                {
+                    offset
+                    for offset in parsed
+                    if offset < covered and first + offset not in on_disk
+                }
+            )
+            if at_end and not again:
+                finished.add(spec.archive_id)
+            starts[spec.archive_id] = again[0] if again else covered
+            until[spec.archive_id] = covered
+            replay.extend(first + offset for offset in again)
+            skip.extend(written[middle:high])
 
         self._write(self.skip_path, encode_positions(skip))
-        resumed = bool(written) or any(starts.values())
-        return ResumePlan(starts, finished, skip, resumed)
+        self._write(self.replay_path, encode_positions(replay))
+        resumed = bool(written) or any(until.values())
+        return ResumePlan(starts, until, finished, len(replay), len(skip), resumed)
 
     def _written_positions(self) -> list[int]:
         """Positions of records in finished batches; drops orphan manifests."""
@@ -290,38 +323,39 @@ class StateStore:
                     positions.append(global_position(ids[letter["archive"]], letter["offset"]))
         return positions
 
-    def _ledger(self) -> dict[int, list[tuple[int, int, int, int]]]:
-        """(start, end, expected on disk, flags) per archive, sorted by start."""
-        by_archive: dict[int, list[tuple[int, int, int, int]]] = {}
+    def _ledger(self) -> dict[int, tuple[list, list[int]]]:
+        """Per archive: (start, end, flags) of each parsed block, and the
+        offsets of every match and dead letter the blocks held."""
+        by_archive: dict[int, tuple[list, list[int]]] = {}
         for path in _list(FileSystems.join(self.ledger_dir, "*.ledger")):
             values = decode_positions(_read(path))
-            for i in range(0, len(values) - LEDGER_FIELDS + 1, LEDGER_FIELDS):
-                archive, start, end, matched, dead, flags = values[i : i + LEDGER_FIELDS]
-                by_archive.setdefault(archive, []).append((start, end, matched + dead, flags))
-        for entries in by_archive.values():
-            entries.sort()
+            position = 0
+            while position + LEDGER_FIELDS <= len(values):
+                archive, start, end, matched, dead, flags = values[
+                    position : position + LEDGER_FIELDS
+                ]
+                position += LEDGER_FIELDS
+                blocks, offsets = by_archive.setdefault(archive, ([], []))
+                blocks.append((start, end, flags))
+                offsets.extend(values[position : position + matched + dead])
+                position += matched + dead
         return by_archive
 
 
-def _done_prefix(entries, written: list[int], archive_id: int) -> tuple[int, bool]:
-    """End of the run of done blocks from the archive's start, and whether
-    that run reaches the archive's end."""
-    done = 0
-    for start, end, expected, flags in entries:
-        if start > done:
+def _coverage(ledger: tuple[list, list[int]]) -> tuple[int, bool, list[int]]:
+    """How far the parsed blocks reach without a gap from the archive's
+    start, whether that reaches its end marker, and the parsed offsets."""
+    blocks, offsets = ledger
+    covered = 0
+    at_end = False
+    for start, end, flags in sorted(blocks):
+        if start > covered:
             break
-        if end <= done and not flags & LEDGER_EOF:
-            continue
-        low = bisect.bisect_left(written, global_position(archive_id, start))
-        high = bisect.bisect_left(written, global_position(archive_id, end))
-        if high - low != expected:
-            # Not all of it reached disk; another run's block over the same
-            # lines may have.
-            continue
         if flags & LEDGER_EOF:
-            return end, True
-        done = end
-    return done, False
+            at_end = True
+            break
+        covered = max(covered, end)
+    return covered, at_end, offsets
 
 
 def _has_output(output: str) -> bool:

@@ -111,7 +111,12 @@ class CollectBatches(beam.DoFn):
 
 
 class BatchRecords(beam.PTransform):
-    """Groups (key, (position, line)) records into batches of ``batch_size``."""
+    """Groups (key, (position, line)) records into batches of ``batch_size``.
+
+    Returns two PCollections of (key, records) batches: those formed where
+    the records were read, and those ``GroupIntoBatches`` formed. Apply the
+    batch handler to each, so the first are handed on while reading goes on.
+    """
 
     def __init__(
         self,
@@ -131,7 +136,16 @@ class BatchRecords(beam.PTransform):
         leftovers = collected[LEFTOVER_TAG] | "TypeLeftovers" >> beam.Map(
             lambda record: record
         ).with_output_types(RecordKV)
+        # A shuffle before the stateful step keeps it out of the reader's
+        # fused stage: the FnApiRunner runs a stage that holds state on one
+        # worker only, however many --direct_num_workers there are.
+        leftovers = leftovers | "SpreadLeftovers" >> beam.Reshuffle().with_output_types(
+            RecordKV
+        )
         grouped = leftovers | "GroupIntoBatches" >> beam.GroupIntoBatches(
             self._batch_size, max_buffering_duration_secs=self._max_wait
         )
-        return (collected.full, grouped) | "AllBatches" >> beam.Flatten()
+        # Two outputs rather than one flattened: on the FnApiRunner a Flatten
+        # of two stages' outputs is consumed by a stage of its own, which
+        # would hold the full batches back until reading ends.
+        return collected.full, grouped

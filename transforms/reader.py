@@ -8,6 +8,7 @@ decompressing can feed several cores parsing.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import logging
@@ -23,7 +24,9 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration
 
 from transforms import metrics, progress
+from transforms.files import read_positions
 from transforms.memory import MemoryGuard
+from transforms.positions import global_position, offset_of
 from transforms.restriction import (
     END_OF_ARCHIVE,
     ArchiveRestriction,
@@ -76,6 +79,8 @@ class ArchiveSpec(NamedTuple):
     size: int
     # Where a resumed run starts: a line start in decompressed bytes.
     start: int = 0
+    # Below this offset a resumed run emits only the lines it replays.
+    replay_until: int = 0
 
     @property
     def name(self) -> str:
@@ -120,8 +125,14 @@ class ReaderConfig:
     desired_split_bytes: int = 0
     max_memory_bytes: int = 0
     memory_retry_secs: float = 5.0
+    # How long a reader waits in place for memory before it defers; inf on
+    # the FnApiRunner, which loses deferred work when it has several workers.
+    memory_wait_secs: float = 1.0
     max_bad_line_share: float = 0.5
     memory_ledger_key: str = "default"
+    # Positions a resumed run produces again below each archive's
+    # ``replay_until`` (see beam_pipeline/state.py).
+    replay_path: str = ""
     progress_dir: str = ""
     progress_interval_secs: float = 10.0
     read_ahead_blocks: int = 2
@@ -365,6 +376,15 @@ def _spaced(offsets, restriction: ArchiveRestriction, desired: int) -> list[int]
     return chosen
 
 
+@functools.lru_cache(maxsize=64)
+def _replay_offsets(path: str, archive_id: int) -> list[int]:
+    """Sorted offsets of one archive's lines that a resumed run replays."""
+    first, last = global_position(archive_id, 0), global_position(archive_id + 1, 0)
+    return sorted(
+        offset_of(position) for position in read_positions(path) if first <= position < last
+    )
+
+
 @functools.lru_cache(maxsize=256)
 def _size_of(path: str) -> int:
     return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
@@ -422,15 +442,18 @@ class ReadArchiveBlocks(beam.DoFn, RestrictionProvider):
             index, config.read_chunk_bytes, config.block_bytes, config.max_record_bytes
         )
         stats = progress.archive_stats(element.name, element.size)
-        # Waiting a moment in place first keeps a runner that resumes
-        # deferred work at once (the FnApiRunner) from spinning.
-        reservation = self._guard.try_reserve(
-            need, element.name, wait_secs=min(config.memory_retry_secs, 1.0)
-        )
-        if reservation is None:
+
+        def waiting() -> None:
             stats.defer()
             progress.flush()
-            tracker.defer_remainder(Duration(seconds=self._config.memory_retry_secs))
+
+        # Waiting a moment in place first keeps a runner that resumes
+        # deferred work at once from spinning.
+        reservation = self._guard.try_reserve(
+            need, element.name, wait_secs=config.memory_wait_secs, on_wait=waiting
+        )
+        if reservation is None:
+            tracker.defer_remainder(Duration(seconds=config.memory_retry_secs))
             return
         stats.begin(whole=restriction.start == 0 and not index.splittable)
         try:
@@ -476,7 +499,7 @@ class _Pass:
                 self.counter = _CountingReader(handle, None, compressed_start)
                 self.stream = self.counter
             else:
-                walker = FrameWalker(compressed_start)
+                walker = FrameWalker(compressed_start, self.index.frame_sizes())
                 self.counter = _CountingReader(handle, walker, compressed_start)
                 decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
                 # Kept so that a salvage after a decode error reuses its window.
@@ -630,7 +653,7 @@ class _Pass:
                 block = chunk[: cut + 1]
             pending = chunk[cut + 1 :]
             line_start += len(block)
-            if not (yield from self._emit(block, block_start)):
+            if not (yield from self._emit_or_replay(block, block_start)):
                 return
             verdict = self._judge_lines(block)
             if verdict is not None:
@@ -642,9 +665,36 @@ class _Pass:
         if damage is not None:
             yield from self._damaged(damage, line_start + len(pending), pending, line_start)
             return
-        if pending and not (yield from self._emit(pending, line_start)):
+        if pending and not (yield from self._emit_or_replay(pending, line_start)):
             return
         yield from self._finish(line_start + len(pending))
+
+    def _emit_or_replay(self, block: bytes, block_start: int) -> Iterator:
+        """Emits a block, or below ``replay_until`` only its replayed lines.
+
+        A resumed run's replayed lines are those the interrupted run parsed
+        but whose output never reached disk; the rest of that stretch is
+        decompressed, as a single frame must be, but neither parsed nor
+        emitted again. Returns whether reading goes on.
+        """
+        until = self.element.replay_until
+        if block_start >= until:
+            return (yield from self._emit(block, block_start))
+        end = block_start + len(block)
+        offsets = _replay_offsets(self.config.replay_path, self.element.archive_id)
+        index = bisect.bisect_left(offsets, block_start)
+        while index < len(offsets) and offsets[index] < min(end, until):
+            offset = offsets[index]
+            relative = offset - block_start
+            newline = block.find(b"\n", relative)
+            line = block[relative : newline + 1] if newline >= 0 else block[relative:]
+            if not self.tracker.try_claim(offset):
+                return False
+            yield LineBlock(self.element.archive_id, offset, line)
+            index += 1
+        if end > until:
+            return (yield from self._emit(block[until - block_start :], until))
+        return True
 
     def _finish(self, end_offset: int) -> Iterator:
         """Ends the archive: an empty block marks where it ended.
@@ -742,10 +792,16 @@ class _Pass:
             yield from self._finish(position)
 
     def _oversized(self, pending: bytes, line_start: int):
-        """Dead-letters a line longer than the limit without holding it."""
+        """Dead-letters a line longer than the limit without holding it.
+
+        Holds the line's first bytes and one decoder read at a time, however
+        long the line runs. Returns (what follows the line, its offset), or
+        None when the restriction ends before the line.
+        """
         preview = pending[:DEAD_LETTER_PREVIEW_BYTES]
         length = len(pending)
         rest = b""
+        ended = True
         while True:
             chunk = self._next_chunk()
             if not chunk:
@@ -754,10 +810,14 @@ class _Pass:
             if newline >= 0:
                 length += newline
                 rest = chunk[newline + 1 :]
+                ended = False
                 break
             length += len(chunk)
         if not self.tracker.try_claim(line_start):
             return None
+        reason = f"record of {length} bytes exceeds --max_record_bytes"
+        if ended and self._damage() is not None:
+            reason = f"record of at least {length} bytes, cut short by archive damage, exceeds --max_record_bytes"
         metrics.DEAD_LETTERS.inc()
         metrics.OVERSIZED_RECORDS.inc()
         yield beam.pvalue.TaggedOutput(
@@ -765,14 +825,13 @@ class _Pass:
             DeadLetter(
                 self.element.name,
                 line_start,
-                f"record of {length} bytes exceeds --max_record_bytes"
-                f" ({self.config.max_record_bytes}); kept its first"
-                f" {len(preview)} bytes",
+                f"{reason} ({self.config.max_record_bytes}); kept its first {len(preview)} bytes",
                 preview,
                 length,
             ),
         )
-        return rest, line_start + length + 1
+        # A line the archive ends inside has no newline to step over.
+        return rest, line_start + length + (0 if ended else 1)
 
     def _damaged(self, reason: str, decompressed_offset: int, pending: bytes, pending_start: int):
         """Reports damage, dead-letters a cut last line and ends the pass."""

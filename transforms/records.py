@@ -14,6 +14,7 @@ import orjson
 
 from transforms import metrics
 from transforms.files import Ledger, read_positions
+from transforms.positions import OFFSET_BITS, archive_of, global_position, offset_of
 from transforms.reader import DEAD_LETTER_PREVIEW_BYTES, DEAD_LETTER_TAG, DeadLetter, LineBlock
 
 __all__ = [
@@ -30,29 +31,15 @@ _LOGGER = logging.getLogger(__name__)
 
 BATCH_KEYS = ("subreddit", "author", "none")
 
-# A record's global position packs the archive number above its offset;
-# 48 bits of offset cover 256 TiB of decompressed bytes per archive.
-_OFFSET_BITS = 48
-_OFFSET_MASK = (1 << _OFFSET_BITS) - 1
+_OFFSET_BITS = OFFSET_BITS
 
-# A ledger row: archive, start, end, matches, dead letters, flags.
+# A ledger row: archive, start, end, matches, dead letters, flags, then the
+# offsets of the matches and of the dead letters.
 LEDGER_FIELDS = 6
 LEDGER_EOF = 1
 
 _BOM = b"\xef\xbb\xbf"
 _MISSING_KEY = "_missing"
-
-
-def global_position(archive_id: int, offset: int) -> int:
-    return (archive_id << _OFFSET_BITS) | offset
-
-
-def archive_of(position: int) -> int:
-    return position >> _OFFSET_BITS
-
-
-def offset_of(position: int) -> int:
-    return position & _OFFSET_MASK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +83,10 @@ class RecordFilter:
     batch_key: str = "subreddit"
     num_shards: int = 16
     max_record_bytes: int = 64 * 2**20
+
+    def selects_all(self) -> bool:
+        """Whether every record matches, so that ``matches`` need not be asked."""
+        return not self.subreddits and not self.authors and self.since is None and self.until is None
 
     def matches(self, record: dict) -> bool:
         if self.subreddits:
@@ -143,6 +134,8 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # Integer literals this long may lie beyond the 64 bits orjson holds
 # exactly; it reads them as floats.
 _LONG_NUMBER = re.compile(rb"\d{19}")
+# Values that may hold such a number: a float, or containers of any value.
+_INEXACT_TYPES = (float, dict, list)
 
 
 def _portable(value: object, finite: bool) -> tuple[object, int]:
@@ -179,6 +172,10 @@ def _project(record: dict, line: bytes, fields: tuple[str, ...]) -> bytes:
     standard library reads exactly, so such a line is parsed again.
     """
     selected = {name: record[name] for name in fields if name in record}
+    # Only a float can be an integer that lost digits; most selections hold
+    # none, and the search of the whole line costs more than parsing it.
+    if not any(type(value) in _INEXACT_TYPES for value in selected.values()):
+        return orjson.dumps(selected)
     if _LONG_NUMBER.search(line) is None:
         return orjson.dumps(selected)
     try:
@@ -232,26 +229,33 @@ class ParseRecords(beam.DoFn):
         record_filter = self._filter
         fields = record_filter.fields
         max_record = record_filter.max_record_bytes
-        matches = record_filter.matches
+        matches = None if record_filter.selects_all() else record_filter.matches
         key_of = record_filter.key_of
         loads = orjson.loads
         skip = self._skip
         base = archive_id << _OFFSET_BITS
         read = matched = dead = skipped = 0
+        matched_at: list[int] = []
+        dead_at: list[int] = []
 
         lines = data.split(b"\n")
         if data.endswith(b"\n"):
             lines.pop()
+        # Checks that no line of the block can need are left out of the loop,
+        # which runs once a record: a carriage return, a line over the limit.
+        rare = b"\r" in data or len(data) > max_record
         position = offset
         for line in lines:
             line_offset = position
             position += len(line) + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
             problem = None
-            if len(line) > max_record:
-                problem = f"record of {len(line)} bytes exceeds --max_record_bytes ({max_record})"
-            else:
+            if rare:
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if len(line) > max_record:
+                    metrics.OVERSIZED_RECORDS.inc()
+                    problem = f"record of {len(line)} bytes exceeds --max_record_bytes ({max_record})"
+            if problem is None:
                 try:
                     record = loads(line)
                 except orjson.JSONDecodeError as exc:
@@ -263,13 +267,15 @@ class ParseRecords(beam.DoFn):
                     problem = f"JSON {type(record).__name__}, not an object"
             if problem is not None:
                 dead += 1
+                dead_at.append(line_offset)
                 if not skip or (base | line_offset) not in skip:
                     yield self._dead(archive_id, line_offset, line, problem)
                 continue
             read += 1
-            if not matches(record):
+            if matches is not None and not matches(record):
                 continue
             matched += 1
+            matched_at.append(line_offset)
             global_pos = base | line_offset
             if skip and global_pos in skip:
                 # Written by the run this one resumes.
@@ -287,7 +293,7 @@ class ParseRecords(beam.DoFn):
         if skipped:
             metrics.RECORDS_SKIPPED_ON_RESUME.inc(skipped)
         if self._ledger is not None:
-            self._ledger.add(archive_id, offset, offset + len(data), matched, dead, 0)
+            self._ledger.add(archive_id, offset, offset + len(data), matched, dead, 0, *matched_at, *dead_at)
 
     def _parse_slowly(self, line: bytes, error: Exception):
         """Second chances for a line orjson refused.
