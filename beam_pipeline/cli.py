@@ -10,6 +10,7 @@ import os
 import resource
 import sys
 import time
+import uuid
 from typing import Optional, Sequence
 
 # Google's auth library otherwise probes the cloud metadata address and
@@ -104,6 +105,7 @@ def prepare(options: PipelineOptions) -> JobPlan:
     local_output = "://" not in job.output
     if local_output:
         config = dataclasses.replace(config, progress_dir=os.path.join(job.output, PROGRESS_DIR))
+    config = dataclasses.replace(config, run_id=uuid.uuid4().hex)
     if runner_name(options) == "DirectRunner":
         # The FnApiRunner drops the work a DoFn defers when it runs more than
         # one worker (its parallel bundles merge away the residuals), so a
@@ -336,7 +338,9 @@ def _run_locked(options, job, plan: JobPlan, all_archives, resume, show_progress
         "elapsed_secs": round(elapsed, 3),
         **{name: totals.get(name, 0) for name in _SUMMARY_COUNTERS},
         "peak_rss_bytes": _peak_rss(totals),
-        "peak_job_rss_bytes": peak_job_rss,
+        # Sampled five times a second, so a short peak of one process can
+        # slip between samples; that process's own peak cannot.
+        "peak_job_rss_bytes": max(peak_job_rss, _peak_rss(totals)),
         "max_memory_bytes": guard.max_bytes,
         "records_per_sec": round(totals.get("records_read", 0) / elapsed, 1) if elapsed else None,
         "archives": [_archive_summary(spec, totals) for spec in all_archives],

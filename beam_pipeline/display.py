@@ -1,14 +1,20 @@
 """The live progress display of a local run, drawn from workers' reports.
 
-Workers write their figures to ``OUTPUT/_progress`` every two seconds; this
-display reads them and shows, overall and per archive, the percent read
-(compressed bytes against the file size, since the dumps store no content
-size), the rate, an ETA from the recent rate, and memory. On a terminal it
-redraws in place with rich; otherwise it logs plain lines.
+Workers write their figures to ``OUTPUT/_progress`` every two seconds (and
+when a pass over an archive ends); this display reads them and shows,
+overall and per archive, the state, the percent read (compressed bytes
+against the file size, since the dumps store no content size), records/s
+and MB/s over the last half minute, an ETA from that recent rate (``--``
+until there is enough history), and memory: the resident memory of the
+job's processes against the bound, what the decoders hold, and what the
+machine has available. On a terminal it redraws in place with rich;
+otherwise it logs plain lines, with no control characters, every
+``interval_secs`` and once more at the end.
 """
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import logging
@@ -16,28 +22,33 @@ import os
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Any, TextIO
 
 import psutil
 
-from transforms.progress import RateWindow
+from transforms.progress import RateWindow, format_eta, format_rate
 
 __all__ = ["ProgressDisplay", "format_eta"]
 
 _LOGGER = logging.getLogger("beam_pipeline.progress")
 
+MIB = 2**20
+# A terminal shows at most this many archive rows; a log at the end lists
+# every archive only when there are at most this many.
+_MAX_ROWS = 30
 
-def format_eta(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "ETA --"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"ETA {hours}h{minutes:02d}m"
-    if minutes:
-        return f"ETA {minutes}m{secs:02d}s"
-    return f"ETA {secs}s"
+
+class _ArchiveView:
+    """One archive's figures summed over workers, with its rate windows."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self.size = size
+        self.compressed = RateWindow()
+        self.decompressed = RateWindow()
+        self.lines = RateWindow()
+        self.state = "queued"
+        self.logged_state = ""
 
 
 class ProgressDisplay:
@@ -48,97 +59,222 @@ class ProgressDisplay:
         folder: str,
         archive_sizes: dict[str, int],
         interval_secs: float,
-        resumed_from: Optional[dict[str, int]] = None,
-        stream=None,
+        resumed_from: dict[str, int] | None = None,
+        stream: TextIO | None = None,
+        max_memory_bytes: int = 0,
     ) -> None:
         self._folder = folder
-        self._sizes = archive_sizes
-        self._interval = interval_secs
+        self._interval = max(interval_secs, 0.1)
         self._resumed = resumed_from or {}
         self._stream = stream or sys.stderr
+        self._bound = max_memory_bytes
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._windows: dict[str, RateWindow] = {name: RateWindow() for name in archive_sizes}
-        self._overall = RateWindow()
+        self._thread: threading.Thread | None = None
+        self._views = {
+            name: _ArchiveView(name, size) for name, size in archive_sizes.items()
+        }
+        self._overall_compressed = RateWindow()
+        self._overall_decompressed = RateWindow()
+        self._overall_lines = RateWindow()
         self._started = time.time()
         self.last_lines: list[str] = []
+        self.peak_rss = 0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="progress-display", daemon=True)
+        """Clears reports of an earlier run into the same folder and starts."""
+        for path in glob.glob(os.path.join(self._folder, "worker-*.json")):
+            try:
+                os.unlink(path)
+            except OSError:
+                continue
+        self._started = time.time()
+        self._thread = threading.Thread(
+            target=self._run, name="progress-display", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
+        """Stops the display after showing the final figures."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def _read_reports(self) -> tuple[dict[str, dict], int]:
-        """Per-archive sums over workers, and the workers' resident memory."""
-        totals: dict[str, dict] = {name: {"compressed": 0, "decompressed": 0} for name in self._sizes}
-        rss = 0
+    def _read_reports(self) -> list[dict[str, Any]]:
+        reports = []
         for path in glob.glob(os.path.join(self._folder, "worker-*.json")):
             try:
                 with open(path, encoding="utf-8") as handle:
                     report = json.load(handle)
             except (OSError, ValueError):
+                # Replaced while being read; the next refresh reads it whole.
                 continue
-            if report.get("pid") != os.getpid() and psutil.pid_exists(report.get("pid", -1)):
-                rss += report.get("rss", 0)
-            for archive in report.get("archives", []):
-                entry = totals.setdefault(archive["name"], {"compressed": 0, "decompressed": 0})
-                entry["compressed"] += archive["compressed"]
-                entry["decompressed"] += archive["decompressed"]
-        return totals, rss
+            if isinstance(report, dict) and report.get("time", 0) >= self._started - 1:
+                reports.append(report)
+        return reports
 
-    def lines(self) -> list[str]:
-        """The current figures as text lines, the overall line first."""
+    def _job_rss(self, reports: list[dict[str, Any]]) -> int:
+        """Resident memory of this process, its children and reporting workers."""
+        own = psutil.Process()
+        processes = [own]
+        try:
+            processes += own.children(recursive=True)
+        except psutil.Error:
+            pass
+        seen = {process.pid for process in processes}
+        for report in reports:
+            pid = report.get("pid", -1)
+            if pid not in seen and psutil.pid_exists(pid):
+                try:
+                    processes.append(psutil.Process(pid))
+                    seen.add(pid)
+                except psutil.Error:
+                    continue
+        total = 0
+        for process in processes:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def lines(self, final: bool = False, every_row: bool = False) -> list[str]:
+        """The current figures as text lines, the overall line first.
+
+        Args:
+            final: the run has ended: every archive is shown, and one not
+                read to its end is shown as stopped.
+            every_row: show every archive, not only those being read,
+                waiting, or changed since the last call.
+        """
         now = time.time()
-        totals, worker_rss = self._read_reports()
-        launcher_rss = psutil.Process().memory_info().rss
-        rss = launcher_rss + worker_rss
+        reports = self._read_reports()
+        totals: dict[str, dict[str, int]] = collections.defaultdict(
+            lambda: {
+                "compressed": 0,
+                "decompressed": 0,
+                "lines": 0,
+                "active": 0,
+                "waiting": 0,
+                "passes_done": 0,
+            }
+        )
+        decoders: dict[str, int] = collections.defaultdict(int)
+        for report in reports:
+            for archive in report.get("archives", []):
+                entry = totals[archive.get("name", "?")]
+                for key in entry:
+                    entry[key] += int(archive.get(key, 0))
+            for decoder in report.get("decoders", []):
+                decoders[decoder.get("archive", "?")] += int(decoder.get("bytes", 0))
+        rss = self._job_rss(reports)
+        self.peak_rss = max(self.peak_rss, rss)
         available = psutil.virtual_memory().available
 
         rows = []
-        total_size = total_done = total_decompressed = 0
-        for name, size in self._sizes.items():
-            done = min(totals.get(name, {}).get("compressed", 0), size)
-            decompressed = totals.get(name, {}).get("decompressed", 0)
-            total_size += size
-            total_done += done
-            total_decompressed += decompressed
-            window = self._windows[name]
-            window.add(now, decompressed)
-            rate = window.rate()
-            compressed_window = self._windows.setdefault(name + "\0c", RateWindow())
-            compressed_window.add(now, done)
-            eta = compressed_window.eta(size - done) if done < size else 0.0
-            percent = 100.0 * done / size if size else 100.0
-            resumed = " (resumed)" if name in self._resumed else ""
-            rows.append(
-                f"  {name}{resumed}: {percent:5.1f}%"
-                f" {(rate or 0) / 1e6:7.1f} MB/s {format_eta(eta if rate else None)}"
-            )
+        sums = {"size": 0, "done": 0, "decompressed": 0, "lines": 0}
+        states: collections.Counter[str] = collections.Counter()
+        for name, view in self._views.items():
+            entry = totals.get(name, {})
+            done = min(entry.get("compressed", 0), view.size)
+            view.compressed.add(now, done)
+            view.decompressed.add(now, entry.get("decompressed", 0))
+            view.lines.add(now, entry.get("lines", 0))
+            view.state = self._state(view, entry, done, final)
+            states[view.state] += 1
+            sums["size"] += view.size
+            sums["done"] += done
+            sums["decompressed"] += entry.get("decompressed", 0)
+            sums["lines"] += entry.get("lines", 0)
 
-        self._overall.add(now, total_done)
-        percent = 100.0 * total_done / total_size if total_size else 100.0
-        eta = self._overall.eta(total_size - total_done)
-        elapsed = now - self._started
-        overall = (
-            f"progress {percent:5.1f}% of {len(self._sizes)} archive(s),"
-            f" {total_decompressed / 1e6:,.0f} MB decompressed in {elapsed:,.0f} s,"
-            f" {format_eta(eta)}, RSS {rss / 2**20:,.0f} MiB,"
-            f" available {available / 2**20:,.0f} MiB"
+            percent = 100.0 * done / view.size if view.size else 100.0
+            reading = view.state == "reading"
+            resumed = " (resumed)" if name in self._resumed else ""
+            if reading:
+                rate = format_rate(view.lines.rate(), view.decompressed.rate())
+                eta = format_eta(view.compressed.eta(view.size - done))
+                memory = (
+                    f", decoder {decoders[name] / MIB:,.0f} MiB"
+                    if decoders.get(name)
+                    else ""
+                )
+                detail = f"{rate}, {eta}{memory}"
+            else:
+                detail = (
+                    f"{entry.get('lines', 0):,} records,"
+                    f" {entry.get('decompressed', 0) / 1e6:,.1f} MB decompressed"
+                )
+            row = f"  {name}{resumed}: {view.state} {percent:5.1f}%, {detail}"
+            changed = view.state != view.logged_state
+            if (
+                final
+                or every_row
+                or reading
+                or view.state == "waiting for memory"
+                or changed
+            ):
+                rows.append(row)
+            view.logged_state = view.state
+
+        self._overall_compressed.add(now, sums["done"])
+        self._overall_decompressed.add(now, sums["decompressed"])
+        self._overall_lines.add(now, sums["lines"])
+        percent = 100.0 * sums["done"] / sums["size"] if sums["size"] else 100.0
+        if final:
+            rate = format_rate(
+                sums["lines"] / max(now - self._started, 1e-9),
+                sums["decompressed"] / max(now - self._started, 1e-9),
+            )
+            eta_text = "finished"
+        else:
+            rate = format_rate(
+                self._overall_lines.rate(), self._overall_decompressed.rate()
+            )
+            eta_text = format_eta(
+                self._overall_compressed.eta(sums["size"] - sums["done"])
+            )
+        counts = ", ".join(
+            f"{count} {state}" for state, count in sorted(states.items())
         )
+        bound = f" of a {self._bound / MIB:,.0f} MiB bound" if self._bound > 0 else ""
+        overall = (
+            f"progress {percent:5.1f}% of {len(self._views)} archive(s) ({counts}):"
+            f" {sums['lines']:,} records, {sums['decompressed'] / 1e6:,.0f} MB"
+            f" decompressed in {now - self._started:,.0f} s, {rate}, {eta_text};"
+            f" memory {rss / MIB:,.0f} MiB{bound},"
+            f" decoders {sum(decoders.values()) / MIB:,.0f} MiB,"
+            f" available {available / MIB:,.0f} MiB"
+        )
+        if len(rows) > _MAX_ROWS:
+            # Many archives: the ones not done matter, and a screenful of them.
+            rows = [row for row in rows if ": done " not in row][:_MAX_ROWS]
         return [overall, *rows]
+
+    @staticmethod
+    def _state(
+        view: _ArchiveView, entry: dict[str, int], done: int, final: bool
+    ) -> str:
+        if entry.get("active"):
+            return "reading"
+        if done >= view.size and entry.get("passes_done"):
+            return "done"
+        if entry.get("waiting"):
+            return "waiting for memory"
+        if final:
+            return "stopped" if entry.get("passes_done") else "not read"
+        return "started" if entry.get("passes_done") else "queued"
 
     def _run(self) -> None:
         if self._stream.isatty():
             self._run_live()
             return
         while not self._stop.wait(self._interval):
-            self.last_lines = self.lines()
-            for line in self.last_lines:
-                _LOGGER.info("%s", line)
+            self._log(self.lines())
+        self._log(self.lines(final=True))
+
+    def _log(self, lines: list[str]) -> None:
+        self.last_lines = lines
+        for line in lines:
+            _LOGGER.info("%s", line)
 
     def _run_live(self) -> None:
         from rich.console import Console
@@ -146,7 +282,11 @@ class ProgressDisplay:
         from rich.text import Text
 
         console = Console(file=self._stream)
-        with Live(Text(""), console=console, refresh_per_second=2, transient=False) as live:
+        with Live(
+            Text(""), console=console, refresh_per_second=2, transient=False
+        ) as live:
             while not self._stop.wait(min(self._interval, 2.0)):
-                self.last_lines = self.lines()
+                self.last_lines = self.lines(every_row=True)
                 live.update(Text("\n".join(self.last_lines)))
+            self.last_lines = self.lines(final=True)
+            live.update(Text("\n".join(self.last_lines)))

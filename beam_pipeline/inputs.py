@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 
 from apache_beam.io.filesystem import BeamIOError
@@ -43,6 +44,9 @@ def match_archives(patterns: list[str]) -> list[ArchiveSpec]:
         if "://" not in path:
             if os.path.isdir(path):
                 raise OptionError(f"--input {path!r} is a folder; name the archives in it or a glob")
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                # A FIFO or a device would block the reader or never end.
+                raise OptionError(f"--input {path!r} is not a regular file")
             if not os.access(path, os.R_OK):
                 raise OptionError(f"--input {path!r} cannot be read: permission denied")
         archives.append(ArchiveSpec(archive_id, path, paths[path]))

@@ -123,6 +123,13 @@ class PushshiftOptions(PipelineOptions):
             help="Decompressed bytes taken from the decoder at a time; lines are handed on in blocks of about this size.",
         )
         group.add_argument(
+            "--read_ahead_blocks",
+            type=int,
+            default=2,
+            help="Blocks a thread of each reader decompresses ahead of parsing, on a spare"
+            " core; 0 decompresses in line, for machines where every core runs a worker.",
+        )
+        group.add_argument(
             "--max_record_bytes",
             type=int,
             default=64 * MIB,
@@ -226,6 +233,8 @@ def reader_config(options: PushshiftOptions, max_memory_bytes: int, ledger_key: 
             raise OptionError(f"--{flag} must be at least 1024, not {value}")
     if not 0 < options.max_bad_line_share <= 1:
         raise OptionError(f"--max_bad_line_share must be in (0, 1], not {options.max_bad_line_share}")
+    if options.read_ahead_blocks < 0:
+        raise OptionError(f"--read_ahead_blocks must not be negative, not {options.read_ahead_blocks}")
     if options.desired_split_bytes < 0:
         raise OptionError(f"--desired_split_bytes must not be negative, not {options.desired_split_bytes}")
     return ReaderConfig(
@@ -238,6 +247,7 @@ def reader_config(options: PushshiftOptions, max_memory_bytes: int, ledger_key: 
         max_bad_line_share=options.max_bad_line_share,
         memory_ledger_key=ledger_key,
         progress_interval_secs=options.progress_interval_secs,
+        read_ahead_blocks=options.read_ahead_blocks,
     )
 
 

@@ -11,6 +11,11 @@ reading has ended. So records reach it in two ways:
 * What is left in the buffers when the bundle ends (or when they hold too
   many bytes, or have waited longer than the buffering limit) goes to
   ``GroupIntoBatches`` record by record, which groups it across bundles.
+  Without a buffering limit nothing needs flushing early, and the leftovers
+  go instead as one list per key and bundle to a ``GroupByKey``, after which
+  ``CutBatches`` cuts each key's records into batches: a few thousand lists
+  cost less than the hundreds of thousands of records they hold would cost
+  ``GroupIntoBatches``.
 
 Every batch therefore holds exactly the batch size, except the last one
 ``GroupIntoBatches`` flushes for each key and those flushed early by the
@@ -20,12 +25,12 @@ buffering limit, as with ``GroupIntoBatches`` alone.
 from __future__ import annotations
 
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam import typehints
 
-__all__ = ["BatchRecords", "CollectBatches"]
+__all__ = ["BatchRecords", "CollectBatches", "CutBatches"]
 
 RecordKV = typehints.Tuple[str, typehints.Tuple[int, bytes]]
 BatchKV = typehints.Tuple[str, typehints.Iterable[typehints.Tuple[int, bytes]]]
@@ -43,7 +48,7 @@ class CollectBatches(beam.DoFn):
     def __init__(
         self,
         batch_size: int,
-        max_buffering_secs: Optional[float] = None,
+        max_buffering_secs: float | None = None,
         max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     ) -> None:
         self._batch_size = batch_size
@@ -93,21 +98,46 @@ class CollectBatches(beam.DoFn):
                     yield beam.pvalue.TaggedOutput(LEFTOVER_TAG, (key, record))
         if self._bytes > self._max_bytes:
             for key in sorted(self._sizes, key=self._sizes.__getitem__, reverse=True):
-                for record in self._drop(key):
-                    yield beam.pvalue.TaggedOutput(LEFTOVER_TAG, (key, record))
+                yield from self._leftovers(key, self._drop(key))
                 if self._bytes <= self._max_bytes // 2:
                     break
+
+    def _leftovers(self, key: str, buffer: list[tuple[int, bytes]]) -> Iterator:
+        """A buffer sent on to be grouped: whole without a buffering limit."""
+        if self._max_wait is None:
+            yield beam.pvalue.TaggedOutput(LEFTOVER_TAG, (key, buffer))
+            return
+        for record in buffer:
+            yield beam.pvalue.TaggedOutput(LEFTOVER_TAG, (key, record))
 
     def finish_bundle(self) -> Iterator:
         from apache_beam.transforms.window import GlobalWindow
         from apache_beam.utils.windowed_value import WindowedValue
 
         for key, buffer in self._buffers.items():
-            for record in buffer:
+            for output in self._leftovers(key, buffer):
                 yield beam.pvalue.TaggedOutput(
-                    LEFTOVER_TAG, WindowedValue((key, record), 0, [GlobalWindow()])
+                    LEFTOVER_TAG, WindowedValue(output.value, 0, [GlobalWindow()])
                 )
         self.start_bundle()
+
+
+class CutBatches(beam.DoFn):
+    """Cuts the leftovers of one key, gathered from every bundle, into batches.
+
+    All batches but the last hold ``batch_size`` records, the records in
+    order of position.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self._batch_size = batch_size
+
+    def process(self, element: tuple[str, Iterable[list[tuple[int, bytes]]]]) -> Iterator:
+        key, parts = element
+        records = sorted(record for part in parts for record in part)
+        size = self._batch_size
+        for start in range(0, len(records), size):
+            yield key, records[start : start + size]
 
 
 class BatchRecords(beam.PTransform):
@@ -121,7 +151,7 @@ class BatchRecords(beam.PTransform):
     def __init__(
         self,
         batch_size: int,
-        max_buffering_secs: Optional[float] = None,
+        max_buffering_secs: float | None = None,
         max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     ) -> None:
         super().__init__()
@@ -133,6 +163,20 @@ class BatchRecords(beam.PTransform):
         collected = records | "CollectFullBatches" >> beam.ParDo(
             CollectBatches(self._batch_size, self._max_wait, self._max_bytes)
         ).with_output_types(BatchKV).with_outputs(LEFTOVER_TAG, main="full")
+        if self._max_wait is None:
+            # Without a buffering limit nothing is flushed early, so a
+            # bundle's leftovers of a key travel as one list: a GroupByKey
+            # gathers each key's lists and the batches are cut from them,
+            # at a cost per list where GroupIntoBatches costs per record.
+            parts = collected[LEFTOVER_TAG] | "TypeLeftovers" >> beam.Map(
+                lambda part: part
+            ).with_output_types(BatchKV)
+            grouped = (
+                parts
+                | "GatherLeftovers" >> beam.GroupByKey()
+                | "CutLeftovers" >> beam.ParDo(CutBatches(self._batch_size)).with_output_types(BatchKV)
+            )
+            return collected.full, grouped
         leftovers = collected[LEFTOVER_TAG] | "TypeLeftovers" >> beam.Map(
             lambda record: record
         ).with_output_types(RecordKV)

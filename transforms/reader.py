@@ -135,6 +135,9 @@ class ReaderConfig:
     replay_path: str = ""
     progress_dir: str = ""
     progress_interval_secs: float = 10.0
+    # Names one run of the job, so a process that runs several starts each
+    # one's progress from zero.
+    run_id: str = ""
     read_ahead_blocks: int = 2
 
 
@@ -425,7 +428,7 @@ class ReadArchiveBlocks(beam.DoFn, RestrictionProvider):
     def setup(self) -> None:
         config = self._config
         self._guard = MemoryGuard.for_worker(config.max_memory_bytes, config.memory_ledger_key)
-        progress.configure(config.progress_dir, config.progress_interval_secs)
+        progress.configure(config.progress_dir, config.progress_interval_secs, config.run_id)
         progress.start_reporter()
 
     def process(
@@ -439,7 +442,11 @@ class ReadArchiveBlocks(beam.DoFn, RestrictionProvider):
         index = archive_index(element.path, element.size)
         config = self._config
         need = self._guard.decoder_cost(
-            index, config.read_chunk_bytes, config.block_bytes, config.max_record_bytes
+            index,
+            config.read_chunk_bytes,
+            config.block_bytes,
+            config.max_record_bytes,
+            config.read_ahead_blocks,
         )
         stats = progress.archive_stats(element.name, element.size)
 
@@ -455,7 +462,10 @@ class ReadArchiveBlocks(beam.DoFn, RestrictionProvider):
         if reservation is None:
             tracker.defer_remainder(Duration(seconds=config.memory_retry_secs))
             return
-        stats.begin(whole=restriction.start == 0 and not index.splittable)
+        end = index.decompressed_size if index.decompressed_size is not None else END_OF_ARCHIVE
+        stats.begin(whole=restriction.start == 0 and restriction.stop >= end)
+        # Memory reaches the metrics at least once per pass, however short.
+        self._guard.sample()
         try:
             yield from _Pass(element, index, restriction, tracker, self._config, self._guard).run()
         finally:
@@ -479,6 +489,7 @@ class _Pass:
         self.stats = progress.archive_stats(element.name, element.size)
         self.decode_error: Optional[str] = None
         self.decode_error_offset: Optional[int] = None
+        self.verdict: Optional[str] = None
         self._ahead: Optional[_ReadAhead] = None
         self._window_lines = 0
         self._window_bad = 0
@@ -523,7 +534,7 @@ class _Pass:
             # The decoder's window is freed only with the decompressor; drop
             # every reference now, even when an exception's traceback keeps
             # this frame alive, so the memory guard's release is true.
-            self.stream = self.decompressor = decompressor = None  # noqa: F841
+            self.stream = self.decompressor = decompressor = self._ahead = None  # noqa: F841
 
     def _next_chunk(self) -> bytes:
         """The next decompressed bytes; empty at the end or at damage."""
@@ -702,8 +713,10 @@ class _Pass:
         The marker lets a resumed run tell a finished archive from one that
         was cut off, without reading it again.
         """
-        yield LineBlock(self.element.archive_id, end_offset, b"")
-        self.tracker.try_claim(END_OF_ARCHIVE)
+        # Only the restriction that reaches the archive's end owns it; a
+        # primary cut off by a split may read to the end as well.
+        if self.tracker.try_claim(END_OF_ARCHIVE):
+            yield LineBlock(self.element.archive_id, end_offset, b"")
 
     def _judge_lines(self, block: bytes) -> Optional[str]:
         """Says why to stop if too many recent lines are not JSON objects.
@@ -729,17 +742,20 @@ class _Pass:
         self._window_lines = self._window_bad = 0
         if share <= self.config.max_bad_line_share:
             return None
-        return (
+        self.verdict = (
             f"probably not a Pushshift dump: {share:.0%} of {lines_judged} lines"
             f" do not start a JSON object (more than --max_bad_line_share"
             f" {self.config.max_bad_line_share:.0%}); stopped reading"
         )
+        return self.verdict
 
     def _emit(self, block: bytes, block_start: int) -> Iterator:
         """Claims and emits a block; returns whether reading goes on."""
         while True:
             last_line = block_start + block.rfind(b"\n", 0, len(block) - 1) + 1
-            if self.tracker.try_claim((block_start, last_line)):
+            # The compressed position lets progress follow the compressed
+            # bytes where the decompressed size is unknown.
+            if self.tracker.try_claim((block_start, last_line, self._last_compressed)):
                 yield LineBlock(self.element.archive_id, block_start, block)
                 return True
             # The restriction was split inside this block: keep the lines
@@ -798,6 +814,12 @@ class _Pass:
         long the line runs. Returns (what follows the line, its offset), or
         None when the restriction ends before the line.
         """
+        split = yield from self._emit_whole_lines(pending, line_start)
+        if split is None:
+            return None
+        pending, line_start = split
+        if len(pending) <= self.config.max_record_bytes:
+            return pending, line_start
         preview = pending[:DEAD_LETTER_PREVIEW_BYTES]
         length = len(pending)
         rest = b""
@@ -831,10 +853,43 @@ class _Pass:
             ),
         )
         # A line the archive ends inside has no newline to step over.
-        return rest, line_start + length + (0 if ended else 1)
+        after = line_start + length + (0 if ended else 1)
+        cut = rest.rfind(b"\n")
+        if cut < 0:
+            return rest, after
+        # The lines that end in the rest of the chunk go on as a block of
+        # their own: what is returned is an unfinished line, without newline.
+        if not (yield from self._emit_or_replay(rest[: cut + 1], after)):
+            return None
+        return rest[cut + 1 :], after + cut + 1
+
+    def _emit_whole_lines(self, pending: bytes, pending_start: int):
+        """Emits the whole lines at the start of ``pending``, if it holds any.
+
+        What the first read after a restriction's start leaves over can hold
+        many lines, not only the start of one. Returns (the unfinished line,
+        its offset), or None when the restriction ends before it.
+        """
+        cut = pending.rfind(b"\n")
+        if cut < 0:
+            return pending, pending_start
+        if not (yield from self._emit_or_replay(pending[: cut + 1], pending_start)):
+            return None
+        return pending[cut + 1 :], pending_start + cut + 1
 
     def _damaged(self, reason: str, decompressed_offset: int, pending: bytes, pending_start: int):
         """Reports damage, dead-letters a cut last line and ends the pass."""
+        split = yield from self._emit_whole_lines(pending, pending_start)
+        if split is None:
+            return
+        pending, pending_start = split
+        stop = self.tracker.current_restriction().stop
+        last = self.index.decompressed_size if self.index.decompressed_size is not None else END_OF_ARCHIVE
+        if reason != self.verdict and pending_start >= stop and stop < last:
+            # Every line of this restriction was read whole; the damage lies
+            # in the next one, whose pass reports it.
+            self.tracker.try_claim(END_OF_ARCHIVE)
+            return
         if self.decode_error_offset is not None:
             compressed_offset = self.decode_error_offset
         elif self.counter.damage is not None:

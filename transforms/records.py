@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -39,7 +40,10 @@ LEDGER_FIELDS = 6
 LEDGER_EOF = 1
 
 _BOM = b"\xef\xbb\xbf"
-_MISSING_KEY = "_missing"
+# Keys of records whose key field is missing, empty or not a string. A name
+# is keyed in lower case, which never holds an ASCII capital, so these keys
+# stay apart from every name, "_missing" and "5" included.
+_MISSING_KEY = "_MISSING"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +58,12 @@ class ResumeFiles:
 def parse_created_utc(value: object) -> Optional[float]:
     """Epoch seconds from an int, a float or a numeric string; else None.
 
-    NaN and infinities are None too: NaN would pass every time bound.
+    NaN and infinities are None too: NaN would pass every time bound. So is
+    a string Python reads as a number and JSON would not, such as "1_000".
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    if isinstance(value, str) and "_" in value:
         return None
     try:
         seconds = float(value)
@@ -115,7 +122,16 @@ class RecordFilter:
             return value.lower() if value else _MISSING_KEY
         if value is None:
             return _MISSING_KEY
-        return str(value)
+        return _typed_key(value)
+
+
+def _typed_key(value: object) -> str:
+    """The batch key of a key field that holds a number, a bool or a container."""
+    kind = type(value).__name__.upper()
+    if isinstance(value, (bool, int, float)):
+        return f"_{kind}:{value!r}"
+    text = repr(value).encode("utf-8", "surrogatepass")
+    return f"_{kind}:{hashlib.sha256(text).hexdigest()[:16]}"
 
 
 def _strict_json(text: str) -> object:

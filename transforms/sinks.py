@@ -8,6 +8,7 @@ writes the same batch again replaces it instead of adding a copy.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -128,7 +129,10 @@ class WriteBatchFiles(BatchHandler):
         self._compressor = zstandard.ZstdCompressor(level=self._level)
 
     def hand_on(self, batch_id: str, key: str, records: list[tuple[int, bytes]]) -> None:
-        payload = b"".join(line + b"\n" for _, line in records)
+        # One copy of the lines: the empty last item gives the final newline.
+        lines = [line for _, line in records]
+        lines.append(b"")
+        payload = b"\n".join(lines)
         path = join_path(self._output, BATCHES_DIR, batch_id)
         write_atomically(self._output, path, self._compressor.compress(payload))
         for _, line in records:
@@ -136,18 +140,25 @@ class WriteBatchFiles(BatchHandler):
 
 
 def dead_letter_json(letter: DeadLetter) -> bytes:
-    """A dead letter as one JSON line; the line's bytes as text, lossless."""
-    return json.dumps(
-        {
-            "archive": letter.archive,
-            "offset": letter.offset,
-            "reason": letter.reason,
-            "length": letter.length,
-            "truncated": len(letter.line) < letter.length,
-            "line": letter.line.decode("utf-8", errors="backslashreplace"),
-        },
-        ensure_ascii=False,
-    ).encode("utf-8")
+    """A dead letter as one JSON line.
+
+    ``line`` is the line as text, bytes that are not UTF-8 written as
+    ``\\xNN``; such a line also carries its exact bytes in ``line_base64``,
+    since the text alone cannot tell them from a backslash in the record.
+    """
+    fields = {
+        "archive": letter.archive,
+        "offset": letter.offset,
+        "reason": letter.reason,
+        "length": letter.length,
+        "truncated": len(letter.line) < letter.length,
+        "line": letter.line.decode("utf-8", errors="backslashreplace"),
+    }
+    try:
+        letter.line.decode("utf-8")
+    except UnicodeDecodeError:
+        fields["line_base64"] = base64.b64encode(letter.line).decode("ascii")
+    return json.dumps(fields, ensure_ascii=False).encode("utf-8")
 
 
 class WriteDeadLetters(beam.DoFn):
@@ -167,8 +178,11 @@ class WriteDeadLetters(beam.DoFn):
             return
         letters = sorted(self._letters, key=lambda letter: (letter.archive, letter.offset))
         first = letters[0]
-        name = f"{safe_label(first.archive)}-{first.offset:015d}-{len(letters)}.jsonl"
         payload = b"".join(dead_letter_json(letter) + b"\n" for letter in letters)
+        # The digest keeps apart bundles that start alike, such as those of
+        # two archives of one name in two folders.
+        digest = hashlib.sha256(payload).hexdigest()[:12]
+        name = f"{safe_label(first.archive)}-{first.offset:015d}-{len(letters)}-{digest}.jsonl"
         write_atomically(self._output, join_path(self._output, DEAD_LETTER_DIR, name), payload)
         self._letters = []
 
@@ -180,6 +194,8 @@ class WriteDamageReports(beam.DoFn):
         self._output = output
 
     def process(self, damage: Damage) -> None:
-        name = f"{safe_label(damage.archive)}-{damage.decompressed_offset:015d}.json"
+        # The path too: archives of one name in two folders are two reports.
+        label = safe_label(f"{damage.archive} {damage.path}")
+        name = f"{label}-{damage.decompressed_offset:015d}.json"
         payload = json.dumps(damage._asdict(), indent=1).encode("utf-8")
         write_atomically(self._output, join_path(self._output, DAMAGE_DIR, name), payload)

@@ -21,6 +21,7 @@ __all__ = [
     "FrameIndex",
     "FrameWalker",
     "build_frame_index",
+    "describe_magic",
     "encode_seek_table",
     "parse_frame_header",
     "read_seek_table",
@@ -53,6 +54,37 @@ class ArchiveDamage(Exception):
         self.compressed_offset = compressed_offset
 
 
+# Leading bytes of formats that a mislabelled or wrongly downloaded ``.zst``
+# file holds instead, so that a damage report can say what the file is.
+_FOREIGN_FORMATS = (
+    (b"\x1f\x8b", "a gzip file"),
+    (b"\xfd7zXZ\x00", "an xz file"),
+    (b"BZh", "a bzip2 file"),
+    (b"PK\x03\x04", "a zip file"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip file"),
+    (b"\x04\x22\x4d\x18", "an lz4 file"),
+)
+# zstd before version 1.0 wrote frames with magic numbers 0xFD2FB522-27.
+_LEGACY_MAGICS = range(0xFD2FB522, 0xFD2FB528)
+
+
+def describe_magic(head: bytes) -> str:
+    """What the bytes found where a zstd frame should start look like."""
+    for prefix, name in _FOREIGN_FORMATS:
+        shared = min(len(prefix), len(head))
+        if shared >= 2 and head[:shared] == prefix[:shared]:
+            return name
+    if len(head) == 4 and struct.unpack("<I", head)[0] in _LEGACY_MAGICS:
+        return "a frame of zstd's pre-1.0 format, which is not supported"
+    if not head.strip(b"\x00"):
+        return "zero bytes"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "uncompressed JSON text"
+    if all(32 <= byte < 127 or byte in (9, 10, 13) for byte in head):
+        return "plain text"
+    return "not a known format"
+
+
 @dataclasses.dataclass(frozen=True)
 class FrameHeader:
     """What a zstd frame header declares."""
@@ -73,7 +105,11 @@ def parse_frame_header(data: bytes, offset: int = 0) -> Optional[FrameHeader]:
         return None
     (magic,) = struct.unpack_from("<I", data, offset)
     if magic != FRAME_MAGIC:
-        raise ArchiveDamage(f"expected a zstd frame, found magic 0x{magic:08x}", 0)
+        raise ArchiveDamage(
+            f"expected a zstd frame, found magic 0x{magic:08x}"
+            f" ({describe_magic(data[offset : offset + 4])})",
+            0,
+        )
 
     descriptor = data[offset + 4]
     fcs_flag = descriptor >> 6
@@ -123,8 +159,11 @@ class FrameWalker:
     _CHECKSUM = 5
     _SKIPPABLE_SIZE = 6
 
-    def __init__(self, start_offset: int = 0) -> None:
+    def __init__(self, start_offset: int = 0, frame_sizes: Optional[dict[int, int]] = None) -> None:
         self.offset = start_offset
+        # The index's decompressed size of each frame by its compressed
+        # offset; a frame header that disagrees shows the index is wrong.
+        self._frame_sizes = frame_sizes
         self.frame_start: Optional[int] = None
         self.frames_seen = 0
         self.max_window_size = 0
@@ -136,11 +175,30 @@ class FrameWalker:
         self._skip = 0
         self._after_skip = self._MAGIC
         self._frame_ends_after_skip = False
+        # Where the frame header, block (header and data) or checksum being
+        # fed began.
+        self.unit_offset = start_offset
 
     @property
     def inside_frame(self) -> bool:
         """Whether the bytes fed so far stop inside a frame."""
         return self._state != self._MAGIC or bool(self._pending)
+
+    @property
+    def at_block_boundary(self) -> bool:
+        """Whether the bytes fed so far end a block of an unfinished frame.
+
+        The walker then waits for the next block header or the checksum,
+        of which no byte has come yet.
+        """
+        return self._state in (self._BLOCK_HEADER, self._CHECKSUM) and not self._pending
+
+    @property
+    def unit_remaining(self) -> int:
+        """Bytes still missing from the header, block or checksum being fed."""
+        if self._state == self._SKIP:
+            return self._skip
+        return self._needed - len(self._pending)
 
     def feed(self, data: bytes) -> None:
         """Consumes the next compressed bytes; raises ArchiveDamage."""
@@ -158,6 +216,8 @@ class FrameWalker:
                         self._end_frame()
                     else:
                         self._next(self._after_skip)
+                        if self._after_skip == self._MAGIC:
+                            self.frame_start = None  # a skippable frame ended
                 continue
 
             take = min(self._needed - len(self._pending), size - position)
@@ -172,7 +232,8 @@ class FrameWalker:
         """Raises ArchiveDamage if the stream stopped inside a frame."""
         if not self.inside_frame:
             return
-        start = self.frame_start if self.frame_start is not None else self.offset
+        # Cut inside a magic number, the frame starts where its bytes began.
+        start = self.frame_start if self.frame_start is not None else self.offset - len(self._pending)
         raise ArchiveDamage(
             f"archive ends inside the frame that starts at compressed byte"
             f" {start} (truncated after {self.offset} compressed bytes)",
@@ -187,6 +248,8 @@ class FrameWalker:
         return 4  # magic, checksum, skippable frame size
 
     def _next(self, state: int, needed: Optional[int] = None) -> None:
+        if state in (self._MAGIC, self._BLOCK_HEADER, self._CHECKSUM):
+            self.unit_offset = self.offset
         self._state = state
         self._needed = needed if needed is not None else self._header_bytes(state)
 
@@ -202,7 +265,7 @@ class FrameWalker:
             else:
                 raise ArchiveDamage(
                     f"expected a zstd frame at compressed byte {header_offset},"
-                    f" found magic 0x{magic:08x}",
+                    f" found magic 0x{magic:08x} ({describe_magic(header)})",
                     header_offset,
                 )
         elif state == self._DESCRIPTOR:
@@ -227,7 +290,8 @@ class FrameWalker:
         else:  # _SKIPPABLE_SIZE
             (frame_size,) = struct.unpack("<I", header)
             self._start_skip(frame_size, self._MAGIC)
-            self.frame_start = None
+            if frame_size == 0:
+                self.frame_start = None
 
     def _on_frame_header(self, rest: bytes) -> None:
         raw = struct.pack("<IB", FRAME_MAGIC, self._descriptor) + rest
@@ -239,9 +303,29 @@ class FrameWalker:
                 self.frame_start or 0,
             ) from None
         assert parsed is not None
+        if self._frame_sizes is not None:
+            self._check_index(parsed)
         self.current_header = parsed
         self.max_window_size = max(self.max_window_size, parsed.window_size)
         self._next(self._BLOCK_HEADER)
+
+    def _check_index(self, header: FrameHeader) -> None:
+        """Raises ArchiveDamage if the frame is not where the index says."""
+        start = self.frame_start or 0
+        expected = self._frame_sizes.get(start)
+        if expected is None:
+            raise ArchiveDamage(
+                f"a zstd frame starts at compressed byte {start}, where the"
+                f" archive's seek table lists none: the table is wrong",
+                start,
+            )
+        if header.content_size is not None and header.content_size != expected:
+            raise ArchiveDamage(
+                f"the zstd frame at compressed byte {start} holds"
+                f" {header.content_size} bytes, its seek table entry says"
+                f" {expected}: the table is wrong",
+                start,
+            )
 
     def _on_block_header(self, header: bytes, header_offset: int) -> None:
         raw = int.from_bytes(header, "little")
@@ -309,6 +393,21 @@ class FrameIndex:
     def splittable(self) -> bool:
         return self.decompressed_size is not None and len(self.compressed_offsets) > 1
 
+    def frame_sizes(self) -> Optional[dict[int, int]]:
+        """Decompressed size of each listed frame by its compressed offset.
+
+        None when the sizes are not all known.
+        """
+        if self.decompressed_size is None or self.source not in ("seek table", "frame headers"):
+            return None
+        ends = self.decompressed_offsets[1:] + (self.decompressed_size,)
+        return {
+            compressed: end - start
+            for compressed, start, end in zip(
+                self.compressed_offsets, self.decompressed_offsets, ends, strict=True
+            )
+        }
+
     def frame_containing(self, decompressed_offset: int) -> int:
         """Index of the last frame that starts at or before the offset."""
         import bisect
@@ -327,7 +426,9 @@ def encode_seek_table(frames: list[tuple[int, int]]) -> bytes:
 def read_seek_table(handle: BinaryIO, file_size: int) -> Optional[list[tuple[int, int]]]:
     """Reads the (compressed, decompressed) sizes of a seekable archive.
 
-    Returns None when the file does not end in a seek table.
+    Returns None when the file does not end in a seek table, or in one
+    whose frames do not fill the file up to the table exactly: a damaged
+    table is ignored rather than trusted with where records lie.
     """
     if file_size < SEEK_TABLE_FOOTER_SIZE + 8:
         return None
@@ -346,10 +447,13 @@ def read_seek_table(handle: BinaryIO, file_size: int) -> Optional[list[tuple[int
     skippable_magic, body_size = struct.unpack_from("<II", raw)
     if skippable_magic != SEEK_TABLE_SKIPPABLE_MAGIC or body_size != table_size:
         return None
-    return [
+    entries = [
         struct.unpack_from("<II", raw, 8 + i * entry_size)
         for i in range(frame_count)
     ]
+    if sum(compressed for compressed, _ in entries) != table_start:
+        return None
+    return entries
 
 
 def build_frame_index(handle: BinaryIO, file_size: int) -> FrameIndex:
@@ -368,7 +472,9 @@ def build_frame_index(handle: BinaryIO, file_size: int) -> FrameIndex:
     except ArchiveDamage:
         first = None
     if first is not None:
-        window_size = first.window_size
+        # A frame that asks for more than the decoder allows fails at its
+        # first block, having cost no more memory than that.
+        window_size = min(first.window_size, MAX_WINDOW_SIZE)
 
     table = read_seek_table(handle, file_size)
     if table:
@@ -408,7 +514,7 @@ def build_frame_index(handle: BinaryIO, file_size: int) -> FrameIndex:
         if header is None or header.content_size is None:
             complete = False
             break
-        window_size = max(window_size, header.window_size)
+        window_size = max(window_size, min(header.window_size, MAX_WINDOW_SIZE))
         frame_end = _walk_blocks(handle, c_offset + header.header_size, file_size)
         if frame_end is None:
             complete = False

@@ -1,0 +1,1 @@
+"""The benchmark: the job against a plain Python loop on generated archives."""
