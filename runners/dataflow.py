@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
 
 from apache_beam.options.pipeline_options import (
     GoogleCloudOptions,
@@ -71,9 +70,18 @@ _GIB_PER_VCPU = {
     ("n1", "standard"): 3.75,
     ("n1", "highmem"): 6.5,
     ("n1", "highcpu"): 0.9,
-    **{(family, "standard"): 4.0 for family in ("n2", "n2d", "n4", "e2", "c3", "c3d", "c4", "t2d")},
-    **{(family, "highmem"): 8.0 for family in ("n2", "n2d", "n4", "e2", "c3", "c3d", "c4")},
-    **{(family, "highcpu"): 1.0 for family in ("n2", "n2d", "n4", "e2", "c3", "c3d", "c4")},
+    **{
+        (family, "standard"): 4.0
+        for family in ("n2", "n2d", "n4", "e2", "c3", "c3d", "c4", "t2d")
+    },
+    **{
+        (family, "highmem"): 8.0
+        for family in ("n2", "n2d", "n4", "e2", "c3", "c3d", "c4")
+    },
+    **{
+        (family, "highcpu"): 1.0
+        for family in ("n2", "n2d", "n4", "e2", "c3", "c3d", "c4")
+    },
     ("c2", "standard"): 4.0,
     ("m1", "megamem"): 14.9,
 }
@@ -81,7 +89,7 @@ _PREDEFINED = re.compile(r"^([a-z0-9]+)-([a-z]+)-(\d+)$")
 _CUSTOM = re.compile(r"^(?:([a-z0-9]+)-)?custom-(\d+)-(\d+)(?:-ext)?$")
 
 
-def machine_memory_gib(machine_type: str) -> Optional[float]:
+def machine_memory_gib(machine_type: str) -> float | None:
     """The memory of a Compute Engine machine type, None when not known here."""
     custom = _CUSTOM.match(machine_type)
     if custom:
@@ -95,7 +103,7 @@ def machine_memory_gib(machine_type: str) -> Optional[float]:
     return None
 
 
-def _is_gcs(path: Optional[str]) -> bool:
+def _is_gcs(path: str | None) -> bool:
     return bool(path) and path.startswith("gs://")
 
 
@@ -108,7 +116,9 @@ def prepare(options: PipelineOptions) -> None:
 
     cloud = options.view_as(GoogleCloudOptions)
     missing = [
-        f"--{flag}" for flag in ("project", "region", "temp_location") if not getattr(cloud, flag)
+        f"--{flag}"
+        for flag in ("project", "region", "temp_location")
+        if not getattr(cloud, flag)
     ]
     if missing:
         raise OptionError(f"DataflowRunner needs {', '.join(missing)}")
@@ -117,7 +127,9 @@ def prepare(options: PipelineOptions) -> None:
     for flag in ("temp_location", "staging_location"):
         value = getattr(cloud, flag)
         if value and not _is_gcs(value):
-            raise OptionError(f"--{flag} {value!r} must be a gs:// path on DataflowRunner")
+            raise OptionError(
+                f"--{flag} {value!r} must be a gs:// path on DataflowRunner"
+            )
 
     job = options.view_as(PushshiftOptions)
     for pattern in job.input or []:

@@ -129,7 +129,9 @@ def _runner_class():
                 for position, part in enumerate(buffer.partition(workers)):
                     parts[position][name] = part
             # As in Beam's manager, fired timers go to the first worker only.
-            timers = [fired_timers if position == 0 else {} for position in range(workers)]
+            timers = [
+                fired_timers if position == 0 else {} for position in range(workers)
+            ]
 
             def execute(part_and_timers):
                 part, part_timers = part_and_timers
@@ -145,24 +147,32 @@ def _runner_class():
             responses = []
             splits: list = []
             with thread_pool_executor.shared_unbounded_instance() as executor:
-                for response, part_splits in executor.map(execute, zip(parts, timers)):
+                for response, part_splits in executor.map(
+                    execute, zip(parts, timers, strict=True)
+                ):
                     responses.append(response)
                     splits.extend(part_splits)
             merged = beam_fn_api_pb2.InstructionResponse(
                 process_bundle=beam_fn_api_pb2.ProcessBundleResponse(
                     residual_roots=[
-                        root for response in responses for root in response.process_bundle.residual_roots
+                        root
+                        for response in responses
+                        for root in response.process_bundle.residual_roots
                     ],
                     monitoring_infos=monitoring_infos.consolidate(
                         itertools.chain.from_iterable(
-                            response.process_bundle.monitoring_infos for response in responses
+                            response.process_bundle.monitoring_infos
+                            for response in responses
                         )
                     ),
                     requires_finalization=any(
-                        response.process_bundle.requires_finalization for response in responses
+                        response.process_bundle.requires_finalization
+                        for response in responses
                     ),
                 ),
-                error=next((response.error for response in responses if response.error), ""),
+                error=next(
+                    (response.error for response in responses if response.error), ""
+                ),
             )
             return merged, splits
 

@@ -55,7 +55,9 @@ BEAM_VERSION = "2.77.0"
 # Flink 1.20 is the last 1.x line, where Beam's portable batch translation
 # is the long-standing one; it must match FLINK_VERSION in the Makefile.
 FLINK_VERSION = "1.20"
-JOB_SERVER_ARTIFACT = f"org.apache.beam:beam-runners-flink-{FLINK_VERSION}-job-server:{BEAM_VERSION}"
+JOB_SERVER_ARTIFACT = (
+    f"org.apache.beam:beam-runners-flink-{FLINK_VERSION}-job-server:{BEAM_VERSION}"
+)
 DEFAULT_JAR = os.path.join(
     TOOLS_DIR, f"beam-runners-flink-{FLINK_VERSION}-job-server-{BEAM_VERSION}.jar"
 )

@@ -27,7 +27,11 @@ from __future__ import annotations
 
 import os
 
-from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, PrismRunnerOptions
+from apache_beam.options.pipeline_options import (
+    DebugOptions,
+    PipelineOptions,
+    PrismRunnerOptions,
+)
 
 from runners.tools import TOOLS_DIR, find_tool
 
@@ -61,11 +65,15 @@ def prepare(options: PipelineOptions) -> None:
     if KEEP_SPLITS not in experiments and DISABLE_SPLITS not in experiments:
         debug.experiments = [*experiments, DISABLE_SPLITS]
     prism = options.view_as(PrismRunnerOptions)
-    prism.prism_location = find_tool("prism_location", prism.prism_location, ENV_VAR, DEFAULT_BINARY)
+    prism.prism_location = find_tool(
+        "prism_location", prism.prism_location, ENV_VAR, DEFAULT_BINARY
+    )
     if not os.access(prism.prism_location, os.X_OK):
         from beam_pipeline.options import OptionError
 
-        raise OptionError(f"--prism_location {prism.prism_location!r} is not executable")
+        raise OptionError(
+            f"--prism_location {prism.prism_location!r} is not executable"
+        )
 
 
 def make_runner(options: PipelineOptions):

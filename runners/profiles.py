@@ -51,19 +51,25 @@ def _json_flags(value: str) -> list[str]:
         with open(value, encoding="utf-8") as handle:
             settings = json.load(handle)
     except (OSError, ValueError) as exc:
-        raise OptionError(f"--profile {value!r} is not a readable JSON file: {exc}") from None
+        raise OptionError(
+            f"--profile {value!r} is not a readable JSON file: {exc}"
+        ) from None
     if not isinstance(settings, dict):
         raise OptionError(f"--profile {value!r} must hold a JSON object of options")
     flags = []
     for name, setting in settings.items():
         if name == "profile":
-            raise OptionError(f"--profile {value!r} names another profile; profiles do not nest")
+            raise OptionError(
+                f"--profile {value!r} names another profile; profiles do not nest"
+            )
         if setting is True:
             flags.append(f"--{name}")
         elif isinstance(setting, list):
             flags.extend(f"--{name}={item}" for item in setting)
         elif isinstance(setting, dict):
-            raise OptionError(f"--profile {value!r}: option {name!r} holds an object, not a value")
+            raise OptionError(
+                f"--profile {value!r}: option {name!r} holds an object, not a value"
+            )
         elif setting is not False and setting is not None:
             flags.append(f"--{name}={setting}")
     return flags
@@ -78,7 +84,9 @@ def profile_flags(value: str) -> list[str]:
     if os.path.isfile(value):
         return _json_flags(value)
     names = ", ".join(PROFILES)
-    raise OptionError(f"--profile {value!r} is neither a profile ({names}) nor a JSON file")
+    raise OptionError(
+        f"--profile {value!r} is neither a profile ({names}) nor a JSON file"
+    )
 
 
 def apply(arguments: list[str]) -> list[str]:

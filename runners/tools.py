@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from typing import Optional
 
 __all__ = ["PROJECT_ROOT", "TOOLS_DIR", "find_tool", "is_url"]
 
@@ -20,7 +19,7 @@ def is_url(location: str) -> bool:
     return len(scheme) > 1
 
 
-def find_tool(flag: str, given: Optional[str], env_var: str, default: str) -> str:
+def find_tool(flag: str, given: str | None, env_var: str, default: str) -> str:
     """The local file to use for a tool; raises OptionError if there is none.
 
     Args:
@@ -46,7 +45,9 @@ def find_tool(flag: str, given: Optional[str], env_var: str, default: str) -> st
     from_env = os.environ.get(env_var)
     if from_env:
         if not os.path.isfile(from_env):
-            raise OptionError(f"{env_var}={from_env!r} is not a file (it names --{flag})")
+            raise OptionError(
+                f"{env_var}={from_env!r} is not a file (it names --{flag})"
+            )
         return os.path.abspath(from_env)
     if os.path.isfile(default):
         return default

@@ -5,33 +5,47 @@ bits, inserted, zeroed, copied or removed bytes, garbage appended), runs the
 job on all of them at once and checks each archive against what
 python-zstandard, fed one byte at a time, gets out of the same bytes. The
 rounds are seeded, so a failure names the round that reproduces it; the
-test stops starting rounds after ``PUSHSHIFT_FUZZ_SECONDS`` (default 40);
+test stops starting rounds after ``PUSHSHIFT_FUZZ_SECONDS`` (default 30);
 ``PUSHSHIFT_FUZZ_FIRST_SEED`` starts elsewhere.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import random
 import struct
+import tempfile
 import time
 
 import pytest
 import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from beam_pipeline.seekable import SeekableWriter
 from beam_pipeline.synth import SynthSpec, generate, record_lines
 from tests.helpers import dead_letters, real_sample, run, written_records
-from tests.test_damage import CUT_SHORT, SKIPPABLE_MAGIC, expected_records, reference_decode
+from tests.test_damage import (
+    CUT_SHORT,
+    SKIPPABLE_MAGIC,
+    expected_records,
+    reference_decode,
+)
 from transforms.zstd_frames import read_seek_table
 
-FUZZ_SECONDS = float(os.environ.get("PUSHSHIFT_FUZZ_SECONDS", "40"))
+FUZZ_SECONDS = float(os.environ.get("PUSHSHIFT_FUZZ_SECONDS", "30"))
 # Another first seed explores other damage; CI always runs the same rounds.
 FIRST_SEED = int(os.environ.get("PUSHSHIFT_FUZZ_FIRST_SEED", "1000"))
 
 
-def _compress_lines(spec: SynthSpec, params: zstandard.ZstdCompressionParameters) -> bytes:
-    return zstandard.ZstdCompressor(compression_params=params).compress(b"".join(record_lines(spec)))
+def _compress_lines(
+    spec: SynthSpec, params: zstandard.ZstdCompressionParameters
+) -> bytes:
+    return zstandard.ZstdCompressor(compression_params=params).compress(
+        b"".join(record_lines(spec))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +65,11 @@ def bases(real_data, tmp_path_factory) -> dict[str, tuple[bytes, int]]:
     window = str(folder / "window.zst")
     generate(window, SynthSpec(records=400, seed=11), window_log=20)
     seekable = str(folder / "seekable.zst")
-    generate(seekable, SynthSpec(kind="submissions", records=300, seed=12), frame_bytes=50_000)
+    generate(
+        seekable,
+        SynthSpec(kind="submissions", records=300, seed=12),
+        frame_bytes=50_000,
+    )
     for name, path in (("window_2_20.zst", window), ("seekable.zst", seekable)):
         with open(path, "rb") as handle:
             data = handle.read()
@@ -62,17 +80,27 @@ def bases(real_data, tmp_path_factory) -> dict[str, tuple[bytes, int]]:
     starts = [sum(size for size, _ in table[:number]) for number in range(len(table))]
     made["seekable.zst"] = (data, len(data) - 17 - 8 * len(table), starts)
 
-    no_checksum = zstandard.ZstdCompressionParameters.from_level(3, write_checksum=0, write_content_size=1)
+    no_checksum = zstandard.ZstdCompressionParameters.from_level(
+        3, write_checksum=0, write_content_size=1
+    )
     made["no_checksum.zst"] = (
         _compress_lines(SynthSpec(month="2010-06", records=400, seed=13), no_checksum),
         0,
     )
-    small = zstandard.ZstdCompressionParameters.from_level(1, window_log=12, write_checksum=1)
-    large = zstandard.ZstdCompressionParameters.from_level(9, window_log=31, enable_ldm=1, write_checksum=1)
+    small = zstandard.ZstdCompressionParameters.from_level(
+        1, window_log=12, write_checksum=1
+    )
+    large = zstandard.ZstdCompressionParameters.from_level(
+        9, window_log=31, enable_ldm=1, write_checksum=1
+    )
     skippable = struct.pack("<II", SKIPPABLE_MAGIC + 3, 6) + b"fuzzed"
-    first = _compress_lines(SynthSpec(month="2024-06", records=200, seed=14), small) + skippable
+    first = (
+        _compress_lines(SynthSpec(month="2024-06", records=200, seed=14), small)
+        + skippable
+    )
     made["two_frames.zst"] = (
-        first + _compress_lines(SynthSpec(month="2024-06", records=200, seed=15), large),
+        first
+        + _compress_lines(SynthSpec(month="2024-06", records=200, seed=15), large),
         0,
         [0, len(first)],
     )
@@ -85,7 +113,7 @@ def bases(real_data, tmp_path_factory) -> dict[str, tuple[bytes, int]]:
 def frame_records(data: bytes, starts: list[int]) -> collections.Counter:
     """What a decoder gets out of each frame read on its own."""
     records: collections.Counter = collections.Counter()
-    for start, end in zip(starts, starts[1:] + [len(data)]):
+    for start, end in zip(starts, starts[1:] + [len(data)], strict=True):
         records.update(expected_records(*reference_decode(data[start:end])))
     return records
 
@@ -104,13 +132,25 @@ def mutate(rng: random.Random, data: bytes) -> tuple[str, bytes, int]:
         return f"bits flipped at {spots}", bytes(damaged), spots[0]
     if kind == "insert":
         garbage = rng.randbytes(rng.randint(1, 64))
-        return f"{len(garbage)} random bytes inserted at {at}", data[:at] + garbage + data[at:], at
+        return (
+            f"{len(garbage)} random bytes inserted at {at}",
+            data[:at] + garbage + data[at:],
+            at,
+        )
     if kind == "zero":
         size = rng.randint(1, 4096)
-        return f"{size} bytes zeroed at {at}", data[:at] + bytes(len(data[at : at + size])) + data[at + size :], at
+        return (
+            f"{size} bytes zeroed at {at}",
+            data[:at] + bytes(len(data[at : at + size])) + data[at + size :],
+            at,
+        )
     if kind == "copy":
         source = rng.randrange(len(data))
-        return f"100 bytes from {source} copied to {at}", data[:at] + data[source : source + 100] + data[at:], at
+        return (
+            f"100 bytes from {source} copied to {at}",
+            data[:at] + data[source : source + 100] + data[at:],
+            at,
+        )
     if kind == "remove":
         size = rng.randint(1, 512)
         return f"{size} bytes removed at {at}", data[:at] + data[at + size :], at
@@ -119,7 +159,12 @@ def mutate(rng: random.Random, data: bytes) -> tuple[str, bytes, int]:
 
 
 def check_archive(
-    name: str, data: bytes, mode: str, frames: collections.Counter, written: collections.Counter, reports: dict
+    name: str,
+    data: bytes,
+    mode: str,
+    frames: collections.Counter,
+    written: collections.Counter,
+    reports: dict,
 ) -> collections.Counter:
     """Checks one archive's records and reports; returns what it may write.
 
@@ -131,7 +176,9 @@ def check_archive(
     decoded, damaged = reference_decode(data)
     expected = collections.Counter(expected_records(decoded, damaged))
     allowed = expected | frames if mode == "frames" else expected
-    mine = collections.Counter({line: count for line, count in written.items() if line in allowed})
+    mine = collections.Counter(
+        {line: count for line, count in written.items() if line in allowed}
+    )
     damage = reports["damage"].get(name, [])
     if mode == "table":
         assert mine <= expected, f"{name}: a record written more often than decoded"
@@ -142,8 +189,12 @@ def check_archive(
         assert mine == expected, f"{name}: records differ from what the decoder gets"
     else:
         assert mine - expected <= frames, f"{name}: records not decoded from any frame"
-        assert expected <= mine, f"{name}: records decoded before the damage are missing"
-    assert bool(damage) == damaged, f"{name}: damage {damage}, the decoder says {damaged}"
+        assert expected <= mine, (
+            f"{name}: records decoded before the damage are missing"
+        )
+    assert bool(damage) == damaged, (
+        f"{name}: damage {damage}, the decoder says {damaged}"
+    )
     if damaged:
         first = min(damage, key=lambda report: report["decompressed_offset"])
         assert first["decompressed_offset"] == len(decoded), name
@@ -154,7 +205,11 @@ def check_archive(
             for letter in reports["cut"].get(name, [])
             if letter["offset"] < len(decoded)
         ]
-        expected_cut = [(tail_start, len(decoded) - tail_start)] if tail_start < len(decoded) else []
+        expected_cut = (
+            [(tail_start, len(decoded) - tail_start)]
+            if tail_start < len(decoded)
+            else []
+        )
         assert cut == expected_cut, name
     return allowed
 
@@ -170,7 +225,9 @@ def test_randomly_damaged_archives_keep_every_record_before_the_damage(bases, tm
         folder.mkdir()
         split = rng.random() < 0.5
         archives = {}
-        for number, (base, (data, table_start, starts)) in enumerate(sorted(bases.items())):
+        for number, (base, (data, table_start, starts)) in enumerate(
+            sorted(bases.items())
+        ):
             what, damaged, at = mutate(rng, data)
             name = f"RC_{number}_{base}"
             (folder / name).write_bytes(damaged)
@@ -198,7 +255,10 @@ def test_randomly_damaged_archives_keep_every_record_before_the_damage(bases, tm
         )
         output = str(folder / "out")
         written = collections.Counter(written_records(output))
-        reports: dict = {"damage": collections.defaultdict(list), "cut": collections.defaultdict(list)}
+        reports: dict = {
+            "damage": collections.defaultdict(list),
+            "cut": collections.defaultdict(list),
+        }
         for report in summary["damaged_archives"]:
             reports["damage"][report["archive"]].append(report)
         for letter in dead_letters(output):
@@ -207,11 +267,126 @@ def test_randomly_damaged_archives_keep_every_record_before_the_damage(bases, tm
         try:
             expected: collections.Counter = collections.Counter()
             for name, (data, mode, starts, _) in archives.items():
-                frames = frame_records(data, starts) if mode == "frames" else collections.Counter()
+                frames = (
+                    frame_records(data, starts)
+                    if mode == "frames"
+                    else collections.Counter()
+                )
                 expected += check_archive(name, data, mode, frames, written, reports)
-            assert written - expected == collections.Counter(), "records no decoder produced"
-            assert all(len(letter["line"]) <= 4 * 4096 for letter in dead_letters(output))
+            assert written - expected == collections.Counter(), (
+                "records no decoder produced"
+            )
+            assert all(
+                len(letter["line"]) <= 4 * 4096 for letter in dead_letters(output)
+            )
         except AssertionError as exc:
             raise AssertionError(f"{context}: {exc}") from exc
-        assert summary["status"] == ("failed: damaged archives" if reports["damage"] else "succeeded"), context
+        assert summary["status"] == (
+            "failed: damaged archives" if reports["damage"] else "succeeded"
+        ), context
         rounds += 1
+
+
+def _line_kinds():
+    """Strategies for one line and what the job should make of it."""
+    text = st.text(
+        alphabet=st.characters(codec="utf-8", exclude_characters="\n\r"), max_size=40
+    )
+    record = st.builds(
+        lambda name, body, pad: (
+            json.dumps(
+                {"subreddit": name, "body": body + "z" * pad}, ensure_ascii=False
+            ).encode(),
+            "record",
+        ),
+        text,
+        text,
+        st.one_of(st.just(0), st.integers(0, 3000), st.integers(3000, 12000)),
+    )
+    garbage = st.binary(max_size=80).filter(
+        lambda raw: (
+            raw.strip()
+            and b"\n" not in raw
+            and b"\r" not in raw
+            and not expected_records(raw.removeprefix(b"\xef\xbb\xbf"), False)
+        )
+    )
+    return st.one_of(
+        record,
+        record,
+        record,
+        st.builds(lambda raw: (raw, "other"), garbage),
+        st.sampled_from(
+            [(b"", "blank"), (b"   ", "blank"), (b"[1]", "other"), (b"null", "other")]
+        ),
+        st.integers(5000, 30000).map(lambda size: (b"x" * size, "other")),
+    )
+
+
+@settings(
+    max_examples=int(os.environ.get("PUSHSHIFT_FUZZ_LINE_EXAMPLES", "20")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    lines=st.lists(_line_kinds(), min_size=1, max_size=60),
+    final_newline=st.booleans(),
+    layout=st.sampled_from(["ndjson", "frame", "frames"]),
+    block_bytes=st.sampled_from([1024, 4096, 65536]),
+    chunk_bytes=st.sampled_from([1024, 65536]),
+    max_record=st.sampled_from([4096, 8192]),
+    split=st.sampled_from([0, 3000, 20000]),
+)
+def test_every_line_is_a_record_a_blank_or_a_dead_letter_once(
+    lines, final_newline, layout, block_bytes, chunk_bytes, max_record, split
+):
+    content = b"\n".join(line for line, _ in lines) + (b"\n" if final_newline else b"")
+    records, letters, blanks = [], [], 0
+    offset = 0
+    for line, kind in lines:
+        if kind == "record" and len(line) <= max_record:
+            records.append(line)
+        elif kind == "blank":
+            blanks += 1
+        elif line or offset < len(content):
+            letters.append((offset, len(line)))
+        offset += len(line) + 1
+    if not final_newline and lines[-1][0] == b"" and lines[-1][1] == "blank":
+        blanks -= 1  # an empty last line without a newline is no line
+    with tempfile.TemporaryDirectory(prefix="pushshift-lines-") as folder:
+        if layout == "ndjson":
+            path = os.path.join(folder, "RS_lines.ndjson")
+            with open(path, "wb") as handle:
+                handle.write(content)
+        else:
+            path = os.path.join(folder, "RS_lines.zst")
+            with open(path, "wb") as handle:
+                if layout == "frame":
+                    handle.write(zstandard.ZstdCompressor().compress(content))
+                else:
+                    writer = SeekableWriter(handle, frame_bytes=5000)
+                    writer.write(content)
+                    writer.close()
+        output = os.path.join(folder, "out")
+
+        summary = run(
+            [
+                f"--input={path}",
+                f"--output={output}",
+                f"--block_bytes={block_bytes}",
+                f"--read_chunk_bytes={chunk_bytes}",
+                f"--max_record_bytes={max_record}",
+                f"--desired_split_bytes={split}",
+                "--max_bad_line_share=1",
+            ]
+        )
+
+        assert collections.Counter(written_records(output)) == collections.Counter(
+            records
+        )
+        assert [
+            (letter["offset"], letter["length"]) for letter in dead_letters(output)
+        ] == letters
+        assert summary["blank_lines"] == blanks
+        assert summary["damaged_archives"] == []

@@ -22,7 +22,6 @@ import threading
 import time
 
 import pytest
-
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.inputs import match_archives
@@ -53,7 +52,9 @@ class _TokenHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = json.dumps({"access_token": "emulator", "token_type": "Bearer", "expires_in": 3600})
+        body = json.dumps(
+            {"access_token": "emulator", "token_type": "Bearer", "expires_in": 3600}
+        )
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -71,7 +72,9 @@ def _service_account(path: str, token_uri: str) -> None:
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
     ).decode("ascii")
     account = {
         "type": "service_account",
@@ -106,7 +109,10 @@ class GcsEmulator:
     def paths(self, gs_prefix: str) -> list[str]:
         """Every object under a prefix, as sorted gs:// paths."""
         bucket, _, prefix = gs_prefix[len("gs://") :].partition("/")
-        return sorted(f"gs://{bucket}/{blob.name}" for blob in self.client.list_blobs(bucket, prefix=prefix))
+        return sorted(
+            f"gs://{bucket}/{blob.name}"
+            for blob in self.client.list_blobs(bucket, prefix=prefix)
+        )
 
     def read(self, gs_path: str) -> bytes:
         bucket, _, name = gs_path[len("gs://") :].partition("/")
@@ -131,15 +137,28 @@ def gcs_emulator(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("gcs")
     tokens = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenHandler)
-    threading.Thread(target=tokens.serve_forever, name="token-stub", daemon=True).start()
+    threading.Thread(
+        target=tokens.serve_forever, name="token-stub", daemon=True
+    ).start()
     credentials = str(folder / "service-account.json")
     _service_account(credentials, f"http://127.0.0.1:{tokens.server_port}/token")
 
     port = _free_port()
     log = open(folder / "emulator.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "-d", str(folder / "data"), "start",
-         "--host", "127.0.0.1", "--port", str(port), "-q"],
+        [
+            sys.executable,
+            "-m",
+            "gcp_storage_emulator",
+            "-d",
+            str(folder / "data"),
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-q",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -211,6 +230,20 @@ def _job_arguments(inputs: list[str], output: str, *extra: str) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="module")
+def local_reference(samples_on_gcs, tmp_path_factory):
+    """The same job on local copies of the same files: (summary, output)."""
+    _, local = samples_on_gcs
+    output = str(tmp_path_factory.mktemp("local-run") / "out")
+    result = run(
+        _job_arguments(
+            [os.path.join(local, "RC_*.zst"), os.path.join(local, "extra.ndjson")],
+            output,
+        )
+    )
+    return result, output
+
+
 def test_glob_on_gcs_matches_the_uploaded_archives(gcs_emulator, samples_on_gcs):
     root, _ = samples_on_gcs
 
@@ -246,22 +279,20 @@ def test_write_atomically_replaces_a_gcs_file_and_leaves_no_temporary(gcs_emulat
     ],
 )
 def test_job_reads_and_writes_gcs_as_it_does_local_files(
-    gcs_emulator, samples_on_gcs, runner_flags, tmp_path
+    gcs_emulator, samples_on_gcs, local_reference, runner_flags, tmp_path
 ):
     root, local = samples_on_gcs
+    reference, local_output = local_reference
     output = gcs_emulator.bucket("results") + f"/{tmp_path.name}"
-    local_output = str(tmp_path / "local")
 
     result = run(
-        _job_arguments([f"{root}/RC_*.zst", f"{root}/extra/*.ndjson"], output, *runner_flags)
-    )
-    reference = run(
-        _job_arguments([os.path.join(local, "RC_*.zst"), os.path.join(local, "extra.ndjson")], local_output)
+        _job_arguments(
+            [f"{root}/RC_*.zst", f"{root}/extra/*.ndjson"], output, *runner_flags
+        )
     )
 
     copied = gcs_emulator.download_tree(output, str(tmp_path / "copied"))
     written = written_records(copied)
-    import collections; _c, _e = collections.Counter(written), collections.Counter(written_records(local_output)); print("DBG", len(written), sum(_e.values()), sum((_c-_e).values()), sum((_e-_c).values()), reference["records_written"], result["records_written"])
     assert sorted(written) == sorted(written_records(local_output))
     assert len(written) == REDDIT_COM_RECORDS + 3
     assert sorted(map(len, read_batches(copied).values())) == sorted(
@@ -269,7 +300,9 @@ def test_job_reads_and_writes_gcs_as_it_does_local_files(
     )
 
     letters = dead_letters(copied)
-    assert [(letter["archive"], letter["offset"], letter["line"]) for letter in letters] == [
+    assert [
+        (letter["archive"], letter["offset"], letter["line"]) for letter in letters
+    ] == [
         ("extra.ndjson", offset, line.decode())
         for offset, line in archive_lines(os.path.join(local, "extra.ndjson"))
         if line in BAD_LINES
@@ -280,7 +313,13 @@ def test_job_reads_and_writes_gcs_as_it_does_local_files(
 
     written_summary = summary(copied)
     assert written_summary["status"] == result["status"] == "succeeded"
-    counters = ("records_read", "records_matched", "records_written", "batches_written", "dead_letters")
+    counters = (
+        "records_read",
+        "records_matched",
+        "records_written",
+        "batches_written",
+        "dead_letters",
+    )
     assert {name: written_summary[name] for name in counters} == {
         name: reference[name] for name in counters
     }

@@ -12,6 +12,7 @@ none is skipped.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import time
 
 import apache_beam as beam
 import pytest
+from apache_beam.coders import VarIntCoder
 from apache_beam.options.pipeline_options import (
     DebugOptions,
     FlinkRunnerOptions,
@@ -26,7 +28,6 @@ from apache_beam.options.pipeline_options import (
     PortableOptions,
     PrismRunnerOptions,
 )
-from apache_beam.coders import VarIntCoder
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
@@ -36,7 +37,12 @@ from beam_pipeline.options import OptionError
 from runners import flink, prism, runner_for
 from runners.tools import PROJECT_ROOT
 from tests.helpers import archive_lines, parse, read_batches, real_sample, run, summary
-from transforms.reader import ArchiveSpec, ReadArchiveBlocks, ReaderConfig, archive_index
+from transforms.reader import (
+    ArchiveSpec,
+    ReadArchiveBlocks,
+    ReaderConfig,
+    archive_index,
+)
 from transforms.restriction import END_OF_ARCHIVE, ArchiveTracker
 
 pytestmark = pytest.mark.runners
@@ -48,14 +54,19 @@ SPLIT_BYTES = 4 * MIB
 
 RUNNER_FLAGS = {
     "direct": [],
-    "direct-multi-processing": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+    "direct-multi-processing": [
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
+    ],
     "prism": ["--runner=PrismRunner"],
     "flink": ["--runner=FlinkRunner", "--flink_master=[local]"],
 }
 
 # The instrumented read runs Prism with its own splitting left on, to record
 # what Prism does; the job itself runs with runner_for's defaults.
-PROBE_FLAGS = dict(RUNNER_FLAGS, prism=["--runner=PrismRunner", f"--experiments={prism.KEEP_SPLITS}"])
+PROBE_FLAGS = dict(
+    RUNNER_FLAGS, prism=["--runner=PrismRunner", f"--experiments={prism.KEEP_SPLITS}"]
+)
 
 RUNNER_NAMES = {
     "direct": "DirectRunner",
@@ -106,18 +117,25 @@ def _require(runner: str) -> None:
             pytest.xfail(blocker)
 
 
-@pytest.fixture(autouse=True)
-def _workers_import_the_tests(monkeypatch):
-    # Worker processes unpickle the instrumented DoFns below by module name.
+@pytest.fixture(scope="module", autouse=True)
+def _workers_import_the_tests():
+    # Worker processes unpickle the instrumented DoFns below by module name,
+    # whatever folder the tests were started from.
     path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", PROJECT_ROOT + (os.pathsep + path if path else ""))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", PROJECT_ROOT + (os.pathsep + path if path else ""))
+        yield
 
 
 @pytest.fixture(scope="module")
 def seekable_archive(synthetic_archives) -> str:
     """A 16 MB seekable archive of 1 MiB frames: splittable at frame boundaries."""
     return synthetic_archives(
-        "seekable_RC_2019-10.zst", frame_bytes=MIB, kind="comments", month="2019-10", target_bytes=16 * 10**6
+        "seekable_RC_2019-10.zst",
+        frame_bytes=MIB,
+        kind="comments",
+        month="2019-10",
+        target_bytes=16 * 10**6,
     )
 
 
@@ -164,7 +182,9 @@ def test_every_runner_writes_the_same_records_in_the_same_batch_sizes(job_run):
     assert sorted(written) == sorted(expected)
     # One key: every batch is full but the last.
     full, rest = divmod(len(expected), BATCH_SIZE)
-    assert _batch_sizes(output) == sorted([BATCH_SIZE] * full + ([rest] if rest else []))
+    assert _batch_sizes(output) == sorted(
+        [BATCH_SIZE] * full + ([rest] if rest else [])
+    )
     assert result["records_read"] == 1075 + 3666 + len(archive_lines(inputs[2]))
     assert result["records_written"] == len(expected)
     assert result["status"] == summary(output)["status"] == "succeeded"
@@ -179,7 +199,11 @@ class _Events:
 
     def add(self, **event) -> None:
         event.update(pid=os.getpid(), time=time.time())
-        with open(os.path.join(self._folder, f"events-{os.getpid()}.jsonl"), "a", encoding="utf-8") as handle:
+        with open(
+            os.path.join(self._folder, f"events-{os.getpid()}.jsonl"),
+            "a",
+            encoding="utf-8",
+        ) as handle:
             handle.write(json.dumps(event) + "\n")
 
     @staticmethod
@@ -229,7 +253,9 @@ class RecordingRead(ReadArchiveBlocks):
 
     def split(self, element, restriction):
         parts = list(super().split(element, restriction))
-        _Events(self._folder).add(kind="initial_split", parts=[[p.start, p.stop] for p in parts])
+        _Events(self._folder).add(
+            kind="initial_split", parts=[[p.start, p.stop] for p in parts]
+        )
         return parts
 
     def create_tracker(self, restriction):
@@ -238,7 +264,9 @@ class RecordingRead(ReadArchiveBlocks):
 
     def process(self, element, tracker=beam.DoFn.RestrictionParam()):
         restriction = tracker.current_restriction()
-        _Events(self._folder).add(kind="pass", start=restriction.start, stop=restriction.stop)
+        _Events(self._folder).add(
+            kind="pass", start=restriction.start, stop=restriction.stop
+        )
         marker = os.path.join(self._folder, f"deferred-{restriction.start}")
         if self._defer_once and not os.path.exists(marker):
             open(marker, "w").close()
@@ -286,7 +314,9 @@ def _read_lines(folder: str) -> list[tuple[int, bytes]]:
     return sorted(result)
 
 
-def _run_recorded(path: str, runner: str, folder: str, split_bytes: int, defer_once: bool) -> list[dict]:
+def _run_recorded(
+    path: str, runner: str, folder: str, split_bytes: int, defer_once: bool
+) -> list[dict]:
     options = PipelineOptions(list(PROBE_FLAGS[runner]))
     spec = ArchiveSpec(0, path, os.path.getsize(path))
     config = ReaderConfig(desired_split_bytes=split_bytes, block_bytes=256 * 1024)
@@ -319,13 +349,15 @@ def test_every_runner_reads_each_line_once_through_splits_and_checkpoints(
     assert _read_lines(folder) == archive_lines(seekable_archive)
 
 
-def test_initial_splits_fall_on_frame_boundaries_on_every_runner(recorded_read, seekable_archive):
+def test_initial_splits_fall_on_frame_boundaries_on_every_runner(
+    recorded_read, seekable_archive
+):
     _, _, events = recorded_read
     index = archive_index(seekable_archive, os.path.getsize(seekable_archive))
 
     [initial] = [event["parts"] for event in events if event["kind"] == "initial_split"]
     assert initial[0][0] == 0 and initial[-1][1] == index.decompressed_size
-    assert all(left[1] == right[0] for left, right in zip(initial, initial[1:]))
+    assert all(left[1] == right[0] for left, right in itertools.pairwise(initial))
     assert {start for start, _ in initial[1:]} <= set(index.decompressed_offsets)
     # 16 MB in 1 MiB frames, cut about every 8 MiB.
     assert len(initial) == 2
@@ -340,22 +372,36 @@ def test_every_runner_resumes_each_checkpoint_after_its_delay(recorded_read):
         later = [
             event
             for event in events
-            if event["kind"] == "pass" and event["start"] == checkpoint["start"] and event["time"] > checkpoint["time"]
+            if event["kind"] == "pass"
+            and event["start"] == checkpoint["start"]
+            and event["time"] > checkpoint["time"]
         ]
-        assert len(later) == 1, f"restriction at {checkpoint['start']} resumed {len(later)} times"
+        assert len(later) == 1, (
+            f"restriction at {checkpoint['start']} resumed {len(later)} times"
+        )
         waited = later[0]["time"] - checkpoint["time"]
         if runner in ("prism", "flink"):
             assert waited >= RecordingRead.DEFER_SECS * 0.9
     # The runner takes the checkpoint as a split at the restriction's start.
-    zero_splits = [event for event in events if event["kind"] == "try_split" and event["fraction"] == 0]
-    assert sorted(event["split_at"] for event in zero_splits) == sorted(c["start"] for c in checkpoints)
+    zero_splits = [
+        event
+        for event in events
+        if event["kind"] == "try_split" and event["fraction"] == 0
+    ]
+    assert sorted(event["split_at"] for event in zero_splits) == sorted(
+        c["start"] for c in checkpoints
+    )
 
 
 def test_which_runners_split_a_running_restriction(recorded_read, seekable_archive):
     runner, _, events = recorded_read
     index = archive_index(seekable_archive, os.path.getsize(seekable_archive))
 
-    dynamic = [event for event in events if event["kind"] == "try_split" and event["fraction"] > 0]
+    dynamic = [
+        event
+        for event in events
+        if event["kind"] == "try_split" and event["fraction"] > 0
+    ]
     if not ISSUES_DYNAMIC_SPLITS[runner]:
         assert dynamic == []
         return
@@ -377,9 +423,9 @@ def test_prism_split_requests_on_a_single_frame_dump_are_refused(real_data, tmp_
     requested = [event for event in events if event["kind"] == "try_split"]
     assert requested, "Prism asked for no split while the bundle stalled"
     assert [event["split_at"] for event in requested] == [None] * len(requested)
-    assert [(event["start"], event["stop"]) for event in events if event["kind"] == "pass"] == [
-        (0, END_OF_ARCHIVE)
-    ]
+    assert [
+        (event["start"], event["stop"]) for event in events if event["kind"] == "pass"
+    ] == [(0, END_OF_ARCHIVE)]
     assert _read_lines(str(tmp_path)) == archive_lines(path)
 
 
@@ -447,8 +493,14 @@ def test_makefile_fetches_the_flink_job_server_that_the_runner_looks_for():
     with open(os.path.join(PROJECT_ROOT, "Makefile"), encoding="utf-8") as handle:
         makefile = handle.read()
 
-    assert re.search(r"^FLINK_VERSION := (\S+)$", makefile, re.M).group(1) == flink.FLINK_VERSION
-    assert re.search(r"^BEAM_VERSION := (\S+)$", makefile, re.M).group(1) == flink.BEAM_VERSION
+    assert (
+        re.search(r"^FLINK_VERSION := (\S+)$", makefile, re.M).group(1)
+        == flink.FLINK_VERSION
+    )
+    assert (
+        re.search(r"^BEAM_VERSION := (\S+)$", makefile, re.M).group(1)
+        == flink.BEAM_VERSION
+    )
     assert flink.FLINK_VERSION in FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS
 
 
@@ -462,11 +514,15 @@ def test_prism_binary_is_found_locally_and_never_downloaded(tmp_path, monkeypatc
     prism.prepare(options)
     assert options.view_as(PrismRunnerOptions).prism_location == str(binary)
     assert options.view_as(DebugOptions).experiments == [prism.DISABLE_SPLITS]
-    kept = PipelineOptions(["--runner=PrismRunner", f"--experiments={prism.KEEP_SPLITS}"])
+    kept = PipelineOptions(
+        ["--runner=PrismRunner", f"--experiments={prism.KEEP_SPLITS}"]
+    )
     prism.prepare(kept)
     assert kept.view_as(DebugOptions).experiments == [prism.KEEP_SPLITS]
 
-    given = PipelineOptions(["--runner=PrismRunner", "--prism_location=https://example.invalid/prism.zip"])
+    given = PipelineOptions(
+        ["--runner=PrismRunner", "--prism_location=https://example.invalid/prism.zip"]
+    )
     with pytest.raises(OptionError) as refused:
         prism.prepare(given)
     assert str(refused.value) == (
@@ -482,8 +538,13 @@ def test_prism_binary_is_found_locally_and_never_downloaded(tmp_path, monkeypatc
     )
 
 
-def test_flink_gets_the_local_job_server_jar_and_a_loopback_environment(tmp_path, monkeypatch):
-    jar = tmp_path / f"beam-runners-flink-{flink.FLINK_VERSION}-job-server-{flink.BEAM_VERSION}.jar"
+def test_flink_gets_the_local_job_server_jar_and_a_loopback_environment(
+    tmp_path, monkeypatch
+):
+    jar = (
+        tmp_path
+        / f"beam-runners-flink-{flink.FLINK_VERSION}-job-server-{flink.BEAM_VERSION}.jar"
+    )
     jar.write_bytes(b"")
     monkeypatch.setenv(flink.ENV_VAR, str(jar))
 
@@ -494,7 +555,9 @@ def test_flink_gets_the_local_job_server_jar_and_a_loopback_environment(tmp_path
     assert embedded.view_as(PortableOptions).environment_type == "LOOPBACK"
 
     with pytest.raises(OptionError) as remote:
-        flink.prepare(PipelineOptions(["--runner=FlinkRunner", "--flink_master=flink-jm:8081"]))
+        flink.prepare(
+            PipelineOptions(["--runner=FlinkRunner", "--flink_master=flink-jm:8081"])
+        )
     assert str(remote.value) == (
         "--flink_master flink-jm:8081 is a cluster: give --environment_type EXTERNAL"
         " (a Beam worker pool beside each task manager), PROCESS or DOCKER"
@@ -502,7 +565,11 @@ def test_flink_gets_the_local_job_server_jar_and_a_loopback_environment(tmp_path
     with pytest.raises(OptionError) as external:
         flink.prepare(
             PipelineOptions(
-                ["--runner=FlinkRunner", "--flink_master=flink-jm:8081", "--environment_type=EXTERNAL"]
+                [
+                    "--runner=FlinkRunner",
+                    "--flink_master=flink-jm:8081",
+                    "--environment_type=EXTERNAL",
+                ]
             )
         )
     assert str(external.value) == (

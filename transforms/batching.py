@@ -37,7 +37,7 @@ BatchKV = typehints.Tuple[str, typehints.Iterable[typehints.Tuple[int, bytes]]]
 
 LEFTOVER_TAG = "leftover"
 
-# Bytes a bundle's buffers may hold before the largest go on to be grouped
+# Bytes a bundle's buffers may hold before the stalest go on to be grouped
 # across bundles, so that many small keys cannot fill a worker's memory.
 DEFAULT_BUFFER_BYTES = 256 * 2**20
 
@@ -61,6 +61,10 @@ class CollectBatches(beam.DoFn):
         self._since: dict[str, float] = {}
         self._bytes = 0
         self._seen = 0
+        # The record count at each key's last record, for spilling the
+        # buffers that grow slowest first.
+        self._last: dict[str, int] = {}
+        self._count = 0
 
     def process(self, element: tuple[str, tuple[int, bytes]]) -> Iterator:
         key, record = element
@@ -71,6 +75,8 @@ class CollectBatches(beam.DoFn):
             if self._max_wait is not None:
                 self._since[key] = time.monotonic()
         buffer.append(record)
+        self._count += 1
+        self._last[key] = self._count
         size = len(record[1]) + 64
         self._sizes[key] += size
         self._bytes += size
@@ -87,6 +93,7 @@ class CollectBatches(beam.DoFn):
     def _drop(self, key: str) -> list[tuple[int, bytes]]:
         self._bytes -= self._sizes.pop(key)
         self._since.pop(key, None)
+        self._last.pop(key, None)
         return self._buffers.pop(key)
 
     def _spill(self) -> Iterator:
@@ -97,7 +104,11 @@ class CollectBatches(beam.DoFn):
                 for record in self._drop(key):
                     yield beam.pvalue.TaggedOutput(LEFTOVER_TAG, (key, record))
         if self._bytes > self._max_bytes:
-            for key in sorted(self._sizes, key=self._sizes.__getitem__, reverse=True):
+            # The keys that received no record for longest go first: their
+            # buffers would most likely be left over at the end anyway, where
+            # spilling the largest would send on records close to filling
+            # a batch.
+            for key in sorted(self._sizes, key=self._last.__getitem__):
                 yield from self._leftovers(key, self._drop(key))
                 if self._bytes <= self._max_bytes // 2:
                     break

@@ -339,7 +339,7 @@ class _ArchiveRestrictions(RestrictionProvider):
 
     def create_tracker(self, restriction: ArchiveRestriction) -> ArchiveTracker:
         index = archive_index(restriction.path, _size_of(restriction.path))
-        return ArchiveTracker(restriction, index)
+        return ArchiveTracker(restriction, index, read_bytes=self._config.read_chunk_bytes)
 
     def split(self, element: ArchiveSpec, restriction: ArchiveRestriction):
         desired = self._config.desired_split_bytes
@@ -578,6 +578,13 @@ class _Pass:
         delivered = self.stream.tell()
         limit = self.config.block_bytes
         start = self.counter.start
+        _LOGGER.warning(
+            "%s: decoding failed after decompressed byte %d; decoding it again from"
+            " compressed byte %d to keep the lines before the bad block",
+            self.element.name,
+            delivered,
+            start,
+        )
         parts: list[bytes] = []
         salvaged = skipped = 0
         try:
@@ -839,7 +846,10 @@ class _Pass:
             return None
         reason = f"record of {length} bytes exceeds --max_record_bytes"
         if ended and self._damage() is not None:
-            reason = f"record of at least {length} bytes, cut short by archive damage, exceeds --max_record_bytes"
+            reason = (
+                f"record of at least {length} bytes, cut short by archive damage,"
+                f" exceeds --max_record_bytes"
+            )
         metrics.DEAD_LETTERS.inc()
         metrics.OVERSIZED_RECORDS.inc()
         yield beam.pvalue.TaggedOutput(
@@ -847,7 +857,8 @@ class _Pass:
             DeadLetter(
                 self.element.name,
                 line_start,
-                f"{reason} ({self.config.max_record_bytes}); kept its first {len(preview)} bytes",
+                f"{reason} ({self.config.max_record_bytes});"
+                f" kept its first {len(preview)} bytes",
                 preview,
                 length,
             ),
@@ -884,7 +895,8 @@ class _Pass:
             return
         pending, pending_start = split
         stop = self.tracker.current_restriction().stop
-        last = self.index.decompressed_size if self.index.decompressed_size is not None else END_OF_ARCHIVE
+        last = self.index.decompressed_size
+        last = END_OF_ARCHIVE if last is None else last
         if reason != self.verdict and pending_start >= stop and stop < last:
             # Every line of this restriction was read whole; the damage lies
             # in the next one, whose pass reports it.

@@ -190,15 +190,19 @@ def _project(record: dict, line: bytes, fields: tuple[str, ...]) -> bytes:
     selected = {name: record[name] for name in fields if name in record}
     # Only a float can be an integer that lost digits; most selections hold
     # none, and the search of the whole line costs more than parsing it.
-    if not any(type(value) in _INEXACT_TYPES for value in selected.values()):
-        return orjson.dumps(selected)
-    if _LONG_NUMBER.search(line) is None:
-        return orjson.dumps(selected)
+    try:
+        if not any(type(value) in _INEXACT_TYPES for value in selected.values()):
+            return orjson.dumps(selected)
+        if _LONG_NUMBER.search(line) is None:
+            return orjson.dumps(selected)
+    except TypeError:
+        pass  # an integer beyond 64 bits, read by the standard library
     try:
         exact = _strict_json(line.decode("utf-8", errors="replace"))
         if type(exact) is not dict:
             return orjson.dumps(selected)
-        chosen, _ = _portable({name: exact[name] for name in fields if name in exact}, finite=True)
+        chosen = {name: exact[name] for name in fields if name in exact}
+        chosen, _ = _portable(chosen, finite=True)
     except (ValueError, RecursionError):
         return orjson.dumps(selected)
     return json.dumps(chosen, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

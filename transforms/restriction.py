@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import Optional
 
 from apache_beam.coders import coders
 from apache_beam.coders.coder_impl import create_InputStream, create_OutputStream
@@ -50,6 +49,10 @@ __all__ = [
 # The stop of a restriction over an archive whose decompressed size is not
 # known (the monthly dumps store none). Claiming it ends any restriction.
 END_OF_ARCHIVE = 2**62
+# The decoder takes compressed input a read at a time, so the compressed
+# position a reader reports runs up to one read ahead of what it decoded.
+# The ratio seen is trusted once that lead is under an eighth of it.
+_LEAD_SHARE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +76,9 @@ class ArchiveRestriction:
 
     def __post_init__(self) -> None:
         if not 0 <= self.start <= self.stop <= END_OF_ARCHIVE:
-            raise ValueError(f"invalid range [{self.start}, {self.stop}) for {self.path}")
+            raise ValueError(
+                f"invalid range [{self.start}, {self.stop}) for {self.path}"
+            )
         if self.estimate < 0:
             raise ValueError(f"negative size estimate {self.estimate} for {self.path}")
 
@@ -132,12 +137,26 @@ class ArchiveTracker(RestrictionTracker):
     whose total is known, instead of an estimate of the decompressed total.
     """
 
-    def __init__(self, restriction: ArchiveRestriction, index: FrameIndex) -> None:
+    def __init__(
+        self,
+        restriction: ArchiveRestriction,
+        index: FrameIndex,
+        *,
+        read_bytes: int = 2**20,
+    ) -> None:
+        """Tracks ``restriction`` of the archive that ``index`` describes.
+
+        Args:
+            restriction: the lines to claim.
+            index: the archive's frames.
+            read_bytes: compressed bytes the reader's decoder takes at a time.
+        """
         self._restriction = restriction
         self._index = index
-        self._last_claimed: Optional[int] = None
+        self._read_bytes = read_bytes
+        self._last_claimed: int | None = None
         self._exhausted = False
-        self._compressed: Optional[int] = None
+        self._compressed: int | None = None
         self._best_fraction = 0.0
 
     def current_restriction(self) -> ArchiveRestriction:
@@ -231,11 +250,13 @@ class ArchiveTracker(RestrictionTracker):
         if not restriction.bounded:
             estimate = max(self._remaining(split_at - restriction.start), 1)
         primary = ArchiveRestriction(restriction.path, restriction.start, split_at)
-        residual = ArchiveRestriction(restriction.path, split_at, restriction.stop, estimate)
+        residual = ArchiveRestriction(
+            restriction.path, split_at, restriction.stop, estimate
+        )
         self._restriction = primary
         return primary, residual
 
-    def _split_point_after(self, current: int, fraction: float) -> Optional[int]:
+    def _split_point_after(self, current: int, fraction: float) -> int | None:
         """The allowed split point nearest ``fraction`` of what remains."""
         restriction = self._restriction
         if not restriction.bounded:
@@ -243,8 +264,8 @@ class ArchiveTracker(RestrictionTracker):
         target = current + fraction * (restriction.stop - current)
         if self._index.source == "plain":
             # Any byte of an uncompressed file can be read from directly.
-            split_at = int(round(target))
-            return split_at if current < split_at < restriction.stop else None
+            split_at = max(int(round(target)), current + 1)
+            return split_at if split_at < restriction.stop else None
         if not self._index.splittable:
             return None
         offsets = self._index.decompressed_offsets
@@ -271,8 +292,8 @@ class ArchiveTracker(RestrictionTracker):
 
         Exact for a bounded restriction. Without a stop: the compressed
         bytes left, times the ratio this reader has seen since the frame it
-        started decoding from; before the reader has said how far it is,
-        the archive's estimated size less what is done.
+        started decoding from; until it has seen enough for that ratio to
+        mean something, the archive's estimated size less what is done.
         """
         restriction = self._restriction
         if restriction.bounded:
@@ -284,7 +305,7 @@ class ArchiveTracker(RestrictionTracker):
             compressed_origin = index.compressed_offsets[frame]
             decoded = position - index.decompressed_offsets[frame]
             consumed = self._compressed - compressed_origin
-            if consumed > 0 and decoded > 0:
+            if consumed >= _LEAD_SHARE * self._read_bytes and decoded > 0:
                 left = max(index.compressed_size - self._compressed, 0)
                 return int(left * decoded / consumed)
         if restriction.estimate:
@@ -307,11 +328,10 @@ class ArchiveTracker(RestrictionTracker):
         if not restriction.bounded:
             remaining = max(remaining, 1)
             if done > 0:
-                fraction = done / (done + remaining)
-                if fraction < self._best_fraction:
-                    remaining = max(int(done * (1 - self._best_fraction) / self._best_fraction), 1)
-                else:
-                    self._best_fraction = fraction
+                best = self._best_fraction
+                if done / (done + remaining) < best:
+                    remaining = max(int(done * (1 - best) / best), 1)
+                self._best_fraction = done / (done + remaining)
         return RestrictionProgress(completed=done, remaining=remaining)
 
     def is_bounded(self) -> bool:

@@ -159,7 +159,9 @@ class FrameWalker:
     _CHECKSUM = 5
     _SKIPPABLE_SIZE = 6
 
-    def __init__(self, start_offset: int = 0, frame_sizes: Optional[dict[int, int]] = None) -> None:
+    def __init__(
+        self, start_offset: int = 0, frame_sizes: Optional[dict[int, int]] = None
+    ) -> None:
         self.offset = start_offset
         # The index's decompressed size of each frame by its compressed
         # offset; a frame header that disagrees shows the index is wrong.
@@ -233,7 +235,9 @@ class FrameWalker:
         if not self.inside_frame:
             return
         # Cut inside a magic number, the frame starts where its bytes began.
-        start = self.frame_start if self.frame_start is not None else self.offset - len(self._pending)
+        start = self.frame_start
+        if start is None:
+            start = self.offset - len(self._pending)
         raise ArchiveDamage(
             f"archive ends inside the frame that starts at compressed byte"
             f" {start} (truncated after {self.offset} compressed bytes)",
@@ -398,7 +402,8 @@ class FrameIndex:
 
         None when the sizes are not all known.
         """
-        if self.decompressed_size is None or self.source not in ("seek table", "frame headers"):
+        known = self.source in ("seek table", "frame headers")
+        if self.decompressed_size is None or not known:
             return None
         ends = self.decompressed_offsets[1:] + (self.decompressed_size,)
         return {

@@ -11,7 +11,7 @@ __all__ = ["plot_run"]
 
 # Throughput is taken over this many seconds of samples, since the workers
 # rewrite their progress files only every two seconds.
-RATE_SPAN_SECS = 4.0
+RATE_SPAN_SECS = 10.0
 
 
 def _rates(samples) -> tuple[list[float], list[float]]:
