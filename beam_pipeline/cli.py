@@ -31,7 +31,7 @@ from beam_pipeline.options import (  # noqa: E402
     record_filter,
     validate_batching,
 )
-from beam_pipeline.pipeline import JobPlan, build_pipeline  # noqa: E402
+from beam_pipeline.pipeline import JobPlan, build_pipeline, handler_class  # noqa: E402
 from beam_pipeline.state import StateStore  # noqa: E402
 from runners import prepare_options, profiles, runner_for, runner_name  # noqa: E402
 from transforms.memory import AUTO_MAX_MEMORY, MemoryGuard, TreeSampler  # noqa: E402
@@ -94,6 +94,10 @@ def prepare(options: PipelineOptions) -> JobPlan:
         raise OptionError("--output is required: name the folder to write to")
     validate_batching(job)
     the_filter = record_filter(job)
+    try:
+        handler_class(job.batch_handler)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
 
     archives = inputs.match_archives(job.input)
     inputs.check_output(job.output)

@@ -25,9 +25,9 @@ from transforms.reader import (
     ReaderConfig,
 )
 from transforms.records import ParseRecords, RecordFilter, ResumeFiles
-from transforms.sinks import WriteBatchFiles, WriteDamageReports, WriteDeadLetters
+from transforms.sinks import BatchHandler, WriteBatchFiles, WriteDamageReports, WriteDeadLetters
 
-__all__ = ["JobPlan", "build_pipeline", "load_batch_handler"]
+__all__ = ["JobPlan", "build_pipeline", "handler_class", "load_batch_handler"]
 
 RecordKV = typehints.Tuple[str, typehints.Tuple[int, bytes]]
 
@@ -48,13 +48,31 @@ class JobPlan:
     resume: Optional[ResumeFiles] = None
 
 
-def load_batch_handler(spec: Optional[str], output: str, state_dir: Optional[str]) -> beam.DoFn:
-    """The DoFn batches are handed to: ``module:Class`` or the file writer."""
+def handler_class(spec: Optional[str]) -> type:
+    """The batch handler class ``module:Class`` names, or the file writer.
+
+    Raises ValueError naming the spec when it cannot be loaded or is not a
+    ``BatchHandler``.
+    """
     if not spec:
-        return WriteBatchFiles(output, state_dir)
+        return WriteBatchFiles
     module_name, _, class_name = spec.partition(":")
-    handler_class = getattr(importlib.import_module(module_name), class_name)
-    return handler_class(output, state_dir)
+    if not module_name or not class_name:
+        raise ValueError(f"--batch_handler {spec!r} must be module:Class")
+    try:
+        loaded = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--batch_handler {spec!r} cannot be loaded: {exc}") from None
+    if not (isinstance(loaded, type) and issubclass(loaded, BatchHandler)):
+        raise ValueError(
+            f"--batch_handler {spec!r} is not a subclass of transforms.sinks.BatchHandler"
+        )
+    return loaded
+
+
+def load_batch_handler(spec: Optional[str], output: str, state_dir: Optional[str]) -> beam.DoFn:
+    """The DoFn batches are handed to, built with the output and state folders."""
+    return handler_class(spec)(output, state_dir)
 
 
 def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:

@@ -20,6 +20,7 @@ from tests.helpers import (
     written_records,
 )
 from transforms.records import parse_created_utc
+from transforms.sinks import BatchHandler
 
 RC_FILES = ["RC_2005-12.zst", "RC_2006-01.zst"]
 
@@ -242,6 +243,8 @@ def test_help_lists_every_job_option():
         (["--input=IN", "--output=OUT", "--since=2020-01-02", "--until=2020-01-01"], "error: --since 2020-01-02 is not before --until 2020-01-01"),
         (["--input=IN", "--output=OUT", "--since=yesterday"], "error: --since 'yesterday' is neither an ISO date"),
         (["--input=IN", "--output=OUT", "--batch_key=month"], "error: --batch_key must be one of subreddit, author, none"),
+        (["--input=IN", "--output=OUT", "--batch_handler=nosuch:Cls"], "error: --batch_handler 'nosuch:Cls' cannot be loaded: No module named 'nosuch'"),
+        (["--input=IN", "--output=OUT", "--batch_handler=json:dumps"], "error: --batch_handler 'json:dumps' is not a subclass of transforms.sinks.BatchHandler"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(real_data, tmp_path, arguments, message):
@@ -259,3 +262,32 @@ def test_user_mistakes_are_one_line_errors(real_data, tmp_path, arguments, messa
 def test_options_error_names_the_flag():
     with pytest.raises(OptionError, match="--until"):
         parse_time("not a time", "--until")
+
+
+class JsonListHandler(BatchHandler):
+    """A handler of the kind a user plugs in: one JSON list per batch."""
+
+    def hand_on(self, batch_id, key, records):
+        folder = os.path.join(self._output, "handed")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, batch_id + ".json"), "w", encoding="utf-8") as handle:
+            json.dump({"key": key, "records": [line.decode("utf-8") for _, line in records]}, handle)
+
+
+def test_a_custom_batch_handler_receives_every_batch(real_data, tmp_path):
+    path = real_sample("RC_2005-12.zst")
+    output = str(tmp_path / "out")
+
+    result = run([f"--input={path}", f"--output={output}", "--batch_size=100",
+                  "--batch_handler=tests.test_main_job:JsonListHandler"])
+
+    handed = []
+    for name in os.listdir(os.path.join(output, "handed")):
+        with open(os.path.join(output, "handed", name), encoding="utf-8") as handle:
+            batch = json.load(handle)
+        assert len(batch["records"]) <= 100
+        assert {parse(line.encode())["subreddit"].lower() for line in batch["records"]} == {batch["key"]}
+        handed.extend(line.encode() for line in batch["records"])
+    assert sorted(handed) == sorted(line for _, line in archive_lines(path))
+    assert result["records_written"] == 1075
+    assert not os.path.exists(os.path.join(output, "batches"))
