@@ -649,27 +649,35 @@ class _Pass:
                 return
             pending, line_start = skipped
 
+        # The unfinished line, kept as the pieces it arrived in so that a
+        # long line is joined once, not copied again with every chunk; it
+        # never holds a newline.
+        parts = [pending] if pending else []
+        parts_size = len(pending)
         while True:
             chunk = self._next_chunk()
             if not chunk:
                 break
             cut = chunk.rfind(b"\n")
             if cut < 0:
-                pending = pending + chunk if pending else chunk
-                if len(pending) > max_record:
-                    outcome = yield from self._oversized(pending, line_start)
+                parts.append(chunk)
+                parts_size += len(chunk)
+                if parts_size > max_record:
+                    outcome = yield from self._oversized(b"".join(parts), line_start)
                     if outcome is None:
                         return
                     pending, line_start = outcome
+                    parts = [pending] if pending else []
+                    parts_size = len(pending)
                 continue
             block_start = line_start
-            # The unfinished line and the chunk up to its last newline, in
-            # one copy; ``pending`` never holds a newline.
-            if pending:
-                block = b"".join((pending, memoryview(chunk)[: cut + 1]))
+            if parts:
+                block = b"".join((*parts, memoryview(chunk)[: cut + 1]))
             else:
                 block = chunk[: cut + 1]
-            pending = chunk[cut + 1 :]
+            rest = chunk[cut + 1 :]
+            parts = [rest] if rest else []
+            parts_size = len(rest)
             line_start += len(block)
             if not (yield from self._emit_or_replay(block, block_start)):
                 return
@@ -679,6 +687,7 @@ class _Pass:
                 yield from self._damaged(verdict, line_start, b"", line_start)
                 return
 
+        pending = b"".join(parts)
         damage = self._damage()
         if damage is not None:
             yield from self._damaged(damage, line_start + len(pending), pending, line_start)
