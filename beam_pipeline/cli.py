@@ -35,6 +35,7 @@ from beam_pipeline.pipeline import JobPlan, build_pipeline, handler_class  # noq
 from beam_pipeline.state import StateStore  # noqa: E402
 from runners import prepare_options, profiles, runner_for, runner_name  # noqa: E402
 from transforms.memory import AUTO_MAX_MEMORY, MemoryGuard, TreeSampler  # noqa: E402
+from transforms.reader import archive_index  # noqa: E402
 from transforms.metrics import NAMESPACE, split_archive_metric  # noqa: E402
 from transforms.files import TEMP_DIR, join_path  # noqa: E402
 from transforms.records import ResumeFiles  # noqa: E402
@@ -70,6 +71,7 @@ def _print_help() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m beam_pipeline",
         description="Stream Pushshift archives, filter their records and hand them on in batches.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     PushshiftOptions._add_argparse_args(parser)
     beam_group = parser.add_argument_group(
@@ -82,6 +84,45 @@ def _print_help() -> None:
     print("\nprofiles:")
     for name, (description, _) in profiles.PROFILES.items():
         print(f"  {name:12} {description}")
+
+
+def unknown_flags(arguments: Sequence[str]) -> list[str]:
+    """Flags that neither this job nor any of Beam's option sets knows.
+
+    Beam only logs a warning for them; here a misspelt filter would let a
+    job run for hours over every record, so they are refused instead.
+    """
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    seen: dict[str, type] = {}
+    for option_class in PipelineOptions.__subclasses__():
+        seen.setdefault(str(option_class), option_class)
+    for option_class in seen.values():
+        option_class._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(list(arguments))
+    return [argument for argument in unknown if argument.startswith("-")]
+
+
+def _check_bound(archives, config, max_memory: int) -> None:
+    """Refuses, before any work, a bound smaller than one archive's decoder.
+
+    The window comes from the frame header, read without decompressing.
+    """
+    for spec in archives:
+        cost = MemoryGuard.decoder_cost(
+            archive_index(spec.path, spec.size),
+            config.read_chunk_bytes,
+            config.block_bytes,
+            config.max_record_bytes,
+            config.read_ahead_blocks,
+        )
+        if cost > max_memory:
+            raise OptionError(
+                f"--max_memory_mb {max_memory // 2**20} is too small for {spec.name}:"
+                f" its decoder window and buffers need {-(-cost // 2**20):,} MiB;"
+                " raise --max_memory_mb or lower --max_record_bytes and --block_bytes"
+            )
 
 
 def prepare(options: PipelineOptions) -> JobPlan:
@@ -99,13 +140,15 @@ def prepare(options: PipelineOptions) -> JobPlan:
     except ValueError as exc:
         raise OptionError(str(exc)) from None
 
-    archives = inputs.match_archives(job.input)
+    archives = inputs.match_archives(job.input, job.output)
     inputs.check_output(job.output)
 
     # Without --max_memory_mb the bound is a share of what the workers'
     # machine has available, decided there (by the launcher on a local run).
     max_memory = job.max_memory_mb * 2**20 if job.max_memory_mb else AUTO_MAX_MEMORY
     config = reader_config(job, max_memory, ledger_key=job.output)
+    if job.max_memory_mb:
+        _check_bound(archives, config, max_memory)
     local_output = "://" not in job.output
     if local_output:
         config = dataclasses.replace(config, progress_dir=os.path.join(job.output, PROGRESS_DIR))
@@ -333,6 +376,13 @@ def _run_locked(options, job, plan: JobPlan, all_archives, resume, show_progress
         peak_job_rss = sampler.stop()
         guard.leave()
 
+    if result is None:
+        earlier = _earlier_summary(plan.output)
+        if earlier is not None:
+            # Everything was done before: the earlier run's summary stands.
+            _LOGGER.info("nothing left to do: %s holds a finished run", plan.output)
+            return {**earlier, "nothing_left_to_do": True}
+
     elapsed = time.time() - started
     totals = _metric_totals(result) if result is not None else {name: 0 for name in _SUMMARY_COUNTERS}
     damage = _damage_reports(plan.output)
@@ -371,6 +421,14 @@ def _run_locked(options, job, plan: JobPlan, all_archives, resume, show_progress
     )
     _write_summary(plan.output, summary)
     return summary
+
+
+def _earlier_summary(output: str) -> Optional[dict]:
+    path = join_path(output, SUMMARY_FILE)
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read())
 
 
 def _write_summary(output: str, summary: dict) -> None:
@@ -420,6 +478,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _configure_logging()
     try:
         arguments = profiles.apply(arguments)
+        unknown = unknown_flags(arguments)
+        if unknown:
+            raise OptionError(
+                f"unknown option {unknown[0]}; see --help for the options of this job"
+            )
         options = PipelineOptions(arguments)
         plan = prepare(options)
     except OptionError as exc:

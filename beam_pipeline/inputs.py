@@ -17,23 +17,60 @@ __all__ = ["SUPPORTED_SUFFIXES", "check_output", "match_archives"]
 SUPPORTED_SUFFIXES = (".zst", ".ndjson", ".jsonl", ".json")
 
 
-def match_archives(patterns: list[str]) -> list[ArchiveSpec]:
+def _literal_file(pattern: str) -> list[tuple[str, int]]:
+    """The pattern as the name of one existing file, if it is one.
+
+    A name such as ``RC_[1].zst`` is also a glob that does not match itself.
+    """
+    if "://" in pattern:
+        if FileSystems.exists(pattern):
+            with FileSystems.open(pattern) as handle:
+                handle.seek(0, os.SEEK_END)
+                return [(pattern, handle.tell())]
+        return []
+    if os.path.isfile(pattern):
+        return [(os.path.abspath(pattern), os.path.getsize(pattern))]
+    return []
+
+
+def _inside(path: str, folder: str) -> bool:
+    if "://" in path or "://" in folder:
+        return path.startswith(folder.rstrip("/") + "/")
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), folder]) == folder
+
+
+def match_archives(patterns: list[str], output: str = "") -> list[ArchiveSpec]:
     """Every file the patterns match, sorted by path and numbered.
 
-    Raises OptionError naming the first pattern that matches nothing, a
-    file of an unsupported kind, or a local file that cannot be read.
+    Files under ``output`` are left out, so an output folder inside an input
+    glob is never read as input; one file reached by two spellings or links
+    is read once. Raises OptionError naming the first pattern that matches
+    nothing, a file of an unsupported kind, or a local file that cannot be
+    read.
     """
     paths: dict[str, int] = {}
+    seen: set[str] = set()
     for pattern in patterns:
+        if "://" not in pattern and os.path.isdir(pattern):
+            raise OptionError(f"--input {pattern!r} is a folder; name the archives in it or a glob")
         try:
             result = FileSystems.match([pattern])[0]
         except BeamIOError as exc:
             raise OptionError(f"--input {pattern!r} could not be listed: {exc}") from None
-        matched = [meta for meta in result.metadata_list if not meta.path.endswith("/")]
+        matched = [
+            (meta.path, meta.size_in_bytes)
+            for meta in result.metadata_list
+            if not meta.path.endswith("/")
+        ] or _literal_file(pattern)
+        matched = [(path, size) for path, size in matched if not (output and _inside(path, output))]
         if not matched:
             raise OptionError(f"--input {pattern!r} matches no file")
-        for meta in matched:
-            paths[meta.path] = meta.size_in_bytes
+        for path, size in matched:
+            identity = path if "://" in path else os.path.realpath(path)
+            if identity not in seen:
+                seen.add(identity)
+                paths[path] = size
 
     archives = []
     for archive_id, path in enumerate(sorted(paths)):

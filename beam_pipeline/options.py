@@ -105,8 +105,9 @@ class PushshiftOptions(PipelineOptions):
         group.add_argument(
             "--batch_handler",
             default=None,
-            help="module:DoFnClass that receives each batch instead of the file writer;"
-            " it is built with the output folder as its one argument.",
+            help="module:Class, a subclass of transforms.sinks.BatchHandler, that"
+            " receives each batch instead of the file writer; it is built with the"
+            " output and state folders.",
         )
 
         group = parser.add_argument_group("reading and memory")

@@ -188,7 +188,7 @@ def test_bad_lines_go_to_dead_letters_with_offset_and_reason(tmp_path):
     ]
     assert letters[0]["archive"] == "RS_bad.ndjson"
     assert letters[0]["reason"].startswith("not valid JSON")
-    assert letters[1]["reason"] == "JSON list, not an object"
+    assert letters[1]["reason"] == "JSON array, not an object"
     assert written_records(output) == [good, good]
     assert result["dead_letters"] == 3
     assert result["records_read"] == 2

@@ -277,7 +277,7 @@ def test_checkpoint_of_a_real_dump_resumes_each_record_once(name, archives, unsp
 @pytest.mark.parametrize("after", ["first", "last"])
 def test_checkpoint_after_the_first_and_the_last_block(after, archives, unsplit):
     reference, blocks = unsplit["RC_2006-01.zst"]
-    # The last block before the end marker.
+    # Block ``blocks`` is the end marker; the one before it the last lines.
     plan = [(1 if after == "first" else blocks - 1, [0.0])]
 
     sink, results, _ = read_with_splits([archives["RC_2006-01.zst"]], plan=plan)

@@ -12,6 +12,7 @@ import bisect
 import dataclasses
 import functools
 import logging
+import os
 import queue
 import threading
 from typing import BinaryIO, Iterator, NamedTuple, Optional
@@ -62,8 +63,10 @@ DEAD_LETTER_PREVIEW_BYTES = 4096
 # Decompressed bytes sampled to estimate the compression ratio of an archive
 # that stores no content size.
 _RATIO_SAMPLE_BYTES = 4 * 2**20
-# Lines over which the share of lines that are not JSON objects is judged.
+# Lines over which the share of lines that are not JSON objects is judged,
+# and the fewest judged when an archive ends before a whole window.
 _JUDGE_LINES = 1000
+_JUDGE_FINAL_LINES = 100
 # Bytes at the start of each block whose lines are judged.
 _JUDGE_SAMPLE_BYTES = 64 * 2**10
 # Decompressed bytes asked of the decoder at a time while salvaging: the
@@ -390,7 +393,12 @@ def _replay_offsets(path: str, archive_id: int) -> list[int]:
 
 @functools.lru_cache(maxsize=256)
 def _size_of(path: str) -> int:
-    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    """An archive's size; its path is a name, never matched as a glob."""
+    if "://" not in path:
+        return os.path.getsize(path)
+    with FileSystems.open(path, "application/octet-stream", CompressionTypes.UNCOMPRESSED) as handle:
+        handle.seek(0, os.SEEK_END)
+        return handle.tell()
 
 
 class ReadArchiveBlocks(beam.DoFn, RestrictionProvider):
@@ -688,6 +696,13 @@ class _Pass:
                 return
 
         pending = b"".join(parts)
+        verdict = self._judge_lines(b"", final=True) if self.verdict is None else None
+        if verdict is not None:
+            if pending and not (yield from self._emit_or_replay(pending, line_start)):
+                return
+            metrics.ARCHIVES_ABANDONED.inc()
+            yield from self._damaged(verdict, line_start + len(pending), b"", line_start)
+            return
         damage = self._damage()
         if damage is not None:
             yield from self._damaged(damage, line_start + len(pending), pending, line_start)
@@ -734,7 +749,7 @@ class _Pass:
         if self.tracker.try_claim(END_OF_ARCHIVE):
             yield LineBlock(self.element.archive_id, end_offset, b"")
 
-    def _judge_lines(self, block: bytes) -> Optional[str]:
+    def _judge_lines(self, block: bytes, final: bool = False) -> Optional[str]:
         """Says why to stop if too many recent lines are not JSON objects.
 
         Counted without parsing: a line of a dump starts with ``{``. The
@@ -751,7 +766,9 @@ class _Pass:
         objects = block.count(b"\n{", 0, end) + (block[:1] == b"{")
         self._window_lines += lines
         self._window_bad += lines - objects
-        if self._window_lines < _JUDGE_LINES:
+        # At the end of an archive a shorter window is judged too, so that a
+        # small file that is no dump at all does not pass for one.
+        if self._window_lines < (_JUDGE_FINAL_LINES if final else _JUDGE_LINES):
             return None
         share = self._window_bad / self._window_lines
         lines_judged = self._window_lines
@@ -761,7 +778,8 @@ class _Pass:
         self.verdict = (
             f"probably not a Pushshift dump: {share:.0%} of {lines_judged} lines"
             f" do not start a JSON object (more than --max_bad_line_share"
-            f" {self.config.max_bad_line_share:.0%}); stopped reading"
+            f" {self.config.max_bad_line_share:.0%})"
+            + ("" if final else "; stopped reading")
         )
         return self.verdict
 

@@ -40,6 +40,8 @@ LEDGER_FIELDS = 6
 LEDGER_EOF = 1
 
 _BOM = b"\xef\xbb\xbf"
+# JSON's names for what a line that is not an object holds.
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 # Keys of records whose key field is missing, empty or not a string. A name
 # is keyed in lower case, which never holds an ASCII capital, so these keys
 # stay apart from every name, "_missing" and "5" included.
@@ -284,7 +286,7 @@ class ParseRecords(beam.DoFn):
                         continue
                     record, line, problem = self._parse_slowly(line, exc)
                 if problem is None and type(record) is not dict:
-                    problem = f"JSON {type(record).__name__}, not an object"
+                    problem = f"JSON {_JSON_TYPES.get(type(record), 'value')}, not an object"
             if problem is not None:
                 dead += 1
                 dead_at.append(line_offset)
