@@ -197,7 +197,11 @@ class HoardingHandler(WriteBatchFiles):
 
 
 def test_a_runaway_handler_is_throttled_and_named_while_the_job_finishes(tmp_path):
-    unit = b"".join(record_lines(SynthSpec(target_bytes=20_000_000, month="2019-10")))
+    # Few subreddits, so that most batches fill, and reach the handler,
+    # while the archive is still being read.
+    unit = b"".join(
+        record_lines(SynthSpec(target_bytes=20_000_000, month="2019-10", subreddits=0))
+    )
     path = str(tmp_path / "RC_2019-10.zst")
     params = zstandard.ZstdCompressionParameters.from_level(
         1, window_log=22, write_checksum=1, write_content_size=0, threads=-1
@@ -220,7 +224,7 @@ def test_a_runaway_handler_is_throttled_and_named_while_the_job_finishes(tmp_pat
             "--max_record_bytes=1048576",
             # Room for the launcher (about 180 MiB) and a 12 MiB decoder, not
             # for the 100 MB of records the handler keeps.
-            "--max_memory_mb=300",
+            "--max_memory_mb=250",
         ],
         cwd=PROJECT_ROOT,
         env=_environment(),
@@ -236,7 +240,7 @@ def test_a_runaway_handler_is_throttled_and_named_while_the_job_finishes(tmp_pat
     assert summary(output)["memory_throttles"] >= 1
     warnings = [line for line in stderr.splitlines() if "slowing intake" in line]
     assert warnings, stderr[-3000:]
-    assert "of the 300 MiB bound (--max_memory_mb)" in warnings[0]
+    assert "of the 250 MiB bound (--max_memory_mb)" in warnings[0]
     # The in-process DirectRunner: the launcher runs the worker itself.
     assert warnings[0].endswith(
         f", is records and batches held in process {job.pid}, which launched the"

@@ -257,7 +257,9 @@ def test_workers_without_a_progress_folder_log_their_figures_at_info(
         pipeline
         | beam.Create([spec])
         | beam.ParDo(ReadArchiveBlocks(config, {0: spec.name}))
-        | beam.Map(lambda block: len(block.data))
+        # A slow consumer keeps the archive being read for several reporting
+        # periods, however fast or loaded the machine is.
+        | beam.Map(lambda block: time.sleep(0.01) or len(block.data))
     )
 
     with caplog.at_level(logging.INFO, logger="transforms.progress"):

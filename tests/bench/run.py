@@ -468,7 +468,7 @@ def _decoder_formula(archive: str) -> int:
         "config = ReaderConfig()\n"
         "index = archive_index(sys.argv[1], os.path.getsize(sys.argv[1]))\n"
         "print(MemoryGuard.decoder_cost(index, config.read_chunk_bytes,"
-        " config.block_bytes, config.max_record_bytes))\n"
+        " config.block_bytes, config.max_record_bytes, config.read_ahead_blocks))\n"
     )
     made = subprocess.run(
         [PYTHON, "-c", code, archive],
@@ -526,7 +526,8 @@ def format_targets(targets: dict) -> str:
         lines.append(f"- {name}: {verdict['value']}{target} {state}: {verdict['what']}")
         if "formula_bytes" in verdict:
             lines.append(
-                f"  reader's reserved cost (window + read chunk + 3 blocks + max record):"
+                f"  reader's reserved cost (window + read chunk + 3 + read-ahead blocks"
+                f" + 2 max records):"
                 f" {verdict['formula_bytes'] / 2**20:,.0f} MiB"
             )
     return "\n".join(lines)
