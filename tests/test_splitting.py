@@ -430,12 +430,16 @@ def _job(inputs, output, *extra):
     )
 
 
-def test_job_output_is_the_same_with_timed_splits(archives, tmp_path):
-    inputs = [archives["RC_2006-01.zst"], archives["reframed"]]
+def test_job_output_is_the_same_with_timed_splits(archives, synthetic_archives, tmp_path):
+    # The splits are timed from the bundle's start, so the input must take
+    # longer to read than the last of them on any machine: 40 MB of
+    # 1 MiB frames takes about a second here.
+    large = synthetic_archives("timed_40mb.zst", frame_bytes=2**20, target_bytes=40 * 10**6, seed=11)
+    inputs = [archives["RC_2006-01.zst"], large]
     plain = _job(inputs, str(tmp_path / "plain"))
     splits = {
         READ_STAGE: {
-            "timings": [0.05, 0.1, 0.2, 0.3],
+            "timings": [0.02, 0.05, 0.1, 0.15],
             "fractions": [0.5, 0.0, 0.3, 0.0],
         }
     }

@@ -595,6 +595,13 @@ def main(argv: list[str] | None = None) -> int:
 
     table = format_table(bench.rows)
     verdicts = format_targets(targets)
+    if plan.name == "quick":
+        # Start-up weighs on small archives and they do not fill the window:
+        # the ratios are shown, the targets are judged on the default plan.
+        verdicts = (
+            "targets are judged on the default archives, not in quick mode:\n"
+            + verdicts
+        )
     print()
     print(table)
     print()
@@ -622,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         path = os.path.join(args.results, "long_run.png")
         plot_run(longest, path)
         print(f"plot of {longest.scenario} ({longest.program}): {path}")
+    if plan.name == "quick":
+        return 0
     return 0 if all(verdict["met"] for verdict in targets.values()) else 1
 
 
