@@ -171,6 +171,7 @@ def prepare(options: PipelineOptions) -> JobPlan:
         batch_max_buffering_secs=job.batch_max_buffering_secs,
         fan_out=fan_out,
         batch_handler=job.batch_handler,
+        leftover_grouping=job.leftover_grouping,
     )
 
 

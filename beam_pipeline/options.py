@@ -103,6 +103,14 @@ class PushshiftOptions(PipelineOptions):
             help="How many keys records are spread over when --batch_key is none.",
         )
         group.add_argument(
+            "--leftover_grouping",
+            default="group_into_batches",
+            help="How records left over per key when a bundle ends are grouped across"
+            " bundles: group_into_batches (Beam's GroupIntoBatches, record by record)"
+            " or group_by_key (one list per key and bundle, then cut into batches;"
+            " faster, and used only without --batch_max_buffering_secs).",
+        )
+        group.add_argument(
             "--batch_handler",
             default=None,
             help="module:Class, a subclass of transforms.sinks.BatchHandler, that"
@@ -258,6 +266,11 @@ def validate_batching(options: PushshiftOptions) -> None:
     if options.batch_max_buffering_secs is not None and options.batch_max_buffering_secs <= 0:
         raise OptionError(
             f"--batch_max_buffering_secs must be positive, not {options.batch_max_buffering_secs}"
+        )
+    if options.leftover_grouping not in ("group_into_batches", "group_by_key"):
+        raise OptionError(
+            "--leftover_grouping must be group_into_batches or group_by_key,"
+            f" not {options.leftover_grouping!r}"
         )
     if options.fan_out not in ("auto", "on", "off"):
         raise OptionError(f"--fan_out must be on, off or auto, not {options.fan_out!r}")

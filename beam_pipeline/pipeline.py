@@ -44,6 +44,7 @@ class JobPlan:
     batch_max_buffering_secs: Optional[float]
     fan_out: bool
     batch_handler: Optional[str] = None
+    leftover_grouping: str = "group_into_batches"
     state_dir: Optional[str] = None
     resume: Optional[ResumeFiles] = None
 
@@ -99,7 +100,9 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     records = parsed.records
 
     batches = records | "Batch" >> BatchRecords(
-        plan.batch_size, max_buffering_secs=plan.batch_max_buffering_secs
+        plan.batch_size,
+        max_buffering_secs=plan.batch_max_buffering_secs,
+        leftover_grouping=plan.leftover_grouping,
     )
     full_batches, grouped_batches = batches
     handler = load_batch_handler(plan.batch_handler, plan.output, plan.state_dir)

@@ -291,3 +291,16 @@ def test_a_custom_batch_handler_receives_every_batch(real_data, tmp_path):
     assert sorted(handed) == sorted(line for _, line in archive_lines(path))
     assert result["records_written"] == 1075
     assert not os.path.exists(os.path.join(output, "batches"))
+
+
+def test_both_leftover_groupings_write_the_same_batches(real_data, tmp_path):
+    path = real_sample("RC_2006-01.zst")
+    outputs = {}
+    for grouping in ("group_into_batches", "group_by_key"):
+        output = str(tmp_path / grouping)
+        run([f"--input={path}", f"--output={output}", "--batch_size=7", f"--leftover_grouping={grouping}"])
+        outputs[grouping] = read_batches(output)
+
+    assert outputs["group_into_batches"].keys() == outputs["group_by_key"].keys()
+    for name, lines in outputs["group_into_batches"].items():
+        assert sorted(lines) == sorted(outputs["group_by_key"][name]), name

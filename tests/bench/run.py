@@ -37,6 +37,8 @@ SUBREDDITS = ("AskMen", "AskWomen")
 FIELDS = "id,author,subreddit,created_utc,body"
 BATCH_SIZE = 1000
 ONE_WORKER = ["--direct_num_workers=1"]
+# The faster way to group what is left per key when a bundle ends.
+FAST_LEFTOVERS = ["--leftover_grouping=group_by_key"]
 TWO_WORKERS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 
 # Targets, as ratios measured in the same run.
@@ -366,7 +368,10 @@ def run_plan(bench: Bench, plan: Plan, runners: list[str]) -> dict:
     reference = bench.reference("full", [a], selective=False)
     best = None
     if "direct" in runners:
-        best = bench.job("full", [a], False, ONE_WORKER, "job, 1 worker")
+        best = bench.job(
+            "full", [a], False, [*ONE_WORKER, *FAST_LEFTOVERS], "job, 1 worker, leftovers by GroupByKey"
+        )
+        bench.job("full", [a], False, ONE_WORKER, "job, 1 worker, leftovers by GroupIntoBatches")
         _check_same(reference, best)
     if "prism" in runners and prism_args:
         prism_row = bench.job("full", [a], False, prism_args, "job, Prism")
