@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 import uuid
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 # Google's auth library otherwise probes the cloud metadata address and
 # retries for about 30 seconds before giving up on a machine off the cloud.
@@ -34,10 +34,10 @@ from beam_pipeline.options import (  # noqa: E402
 from beam_pipeline.pipeline import JobPlan, build_pipeline, handler_class  # noqa: E402
 from beam_pipeline.state import StateStore  # noqa: E402
 from runners import prepare_options, profiles, runner_for, runner_name  # noqa: E402
-from transforms.memory import AUTO_MAX_MEMORY, MemoryGuard, TreeSampler  # noqa: E402
-from transforms.reader import archive_index  # noqa: E402
-from transforms.metrics import NAMESPACE, split_archive_metric  # noqa: E402
 from transforms.files import TEMP_DIR, join_path  # noqa: E402
+from transforms.memory import AUTO_MAX_MEMORY, MemoryGuard, TreeSampler  # noqa: E402
+from transforms.metrics import NAMESPACE, split_archive_metric  # noqa: E402
+from transforms.reader import archive_index  # noqa: E402
 from transforms.records import ResumeFiles  # noqa: E402
 from transforms.sinks import DAMAGE_DIR  # noqa: E402
 
@@ -77,9 +77,17 @@ def _print_help() -> None:
     beam_group = parser.add_argument_group(
         "Beam options (all of Beam's pipeline options are accepted; the common ones)"
     )
-    beam_group.add_argument("--runner", help="DirectRunner (default), PrismRunner, FlinkRunner or DataflowRunner.")
-    beam_group.add_argument("--direct_num_workers", help="Workers of the DirectRunner; 0 means one per core.")
-    beam_group.add_argument("--direct_running_mode", help="in_memory, multi_threading or multi_processing.")
+    beam_group.add_argument(
+        "--runner",
+        help="DirectRunner (default), PrismRunner, FlinkRunner or DataflowRunner.",
+    )
+    beam_group.add_argument(
+        "--direct_num_workers",
+        help="Workers of the DirectRunner; 0 means one per core.",
+    )
+    beam_group.add_argument(
+        "--direct_running_mode", help="in_memory, multi_threading or multi_processing."
+    )
     parser.print_help()
     print("\nprofiles:")
     for name, (description, _) in profiles.PROFILES.items():
@@ -151,7 +159,9 @@ def prepare(options: PipelineOptions) -> JobPlan:
         _check_bound(archives, config, max_memory)
     local_output = "://" not in job.output
     if local_output:
-        config = dataclasses.replace(config, progress_dir=os.path.join(job.output, PROGRESS_DIR))
+        config = dataclasses.replace(
+            config, progress_dir=os.path.join(job.output, PROGRESS_DIR)
+        )
     config = dataclasses.replace(config, run_id=uuid.uuid4().hex)
     if runner_name(options) == "DirectRunner":
         # The FnApiRunner drops the work a DoFn defers when it runs more than
@@ -160,7 +170,8 @@ def prepare(options: PipelineOptions) -> JobPlan:
         config = dataclasses.replace(config, memory_wait_secs=float("inf"))
 
     fan_out = job.fan_out == "on" or (
-        job.fan_out == "auto" and profiles.runner_defaults(runner_name(options)).get("fan_out") == "on"
+        job.fan_out == "auto"
+        and profiles.runner_defaults(runner_name(options)).get("fan_out") == "on"
     )
     return JobPlan(
         archives=tuple(archives),
@@ -181,10 +192,14 @@ def _metric_totals(result) -> dict:
     try:
         queried = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     except Exception:  # Some runners answer no metrics at all.
-        _LOGGER.warning("the runner reported no metrics; the summary counts are missing")
+        _LOGGER.warning(
+            "the runner reported no metrics; the summary counts are missing"
+        )
         return totals
     for counter in queried.get("counters", []):
-        value = counter.committed if counter.committed is not None else counter.attempted
+        value = (
+            counter.committed if counter.committed is not None else counter.attempted
+        )
         name = counter.key.metric.name
         per_archive = split_archive_metric(name)
         if per_archive is not None:
@@ -197,7 +212,9 @@ def _metric_totals(result) -> dict:
     for gauge in queried.get("gauges", []):
         data = gauge.committed or gauge.attempted
         name = gauge.key.metric.name
-        if data is not None and (name not in latest or data.timestamp >= latest[name].timestamp):
+        if data is not None and (
+            name not in latest or data.timestamp >= latest[name].timestamp
+        ):
             latest[name] = data
     totals["gauges"] = {name: data.value for name, data in latest.items()}
     for distribution in queried.get("distributions", []):
@@ -205,7 +222,9 @@ def _metric_totals(result) -> dict:
         if data is None or not data.count:
             continue
         name = distribution.key.metric.name
-        entry = totals.setdefault(name, {"count": 0, "sum": 0, "min": data.min, "max": data.max})
+        entry = totals.setdefault(
+            name, {"count": 0, "sum": 0, "min": data.min, "max": data.max}
+        )
         entry["count"] += data.count
         entry["sum"] += data.sum
         entry["min"] = min(entry["min"], data.min)
@@ -222,7 +241,9 @@ def _archive_summary(spec, totals: dict) -> dict:
 def _archive_distribution(plan: JobPlan, totals: dict) -> dict:
     """Records read per archive, over the archives this run read."""
     per_archive = totals.get("per_archive", {})
-    counts = [per_archive.get(spec.name, {}).get("records_read", 0) for spec in plan.archives]
+    counts = [
+        per_archive.get(spec.name, {}).get("records_read", 0) for spec in plan.archives
+    ]
     if not counts:
         return {}
     return {
@@ -241,13 +262,19 @@ def _damage_reports(output: str) -> list[dict]:
     for match in FileSystems.match([pattern])[0].metadata_list:
         with FileSystems.open(match.path) as handle:
             reports.append(json.loads(handle.read()))
-    return sorted(reports, key=lambda report: (report["archive"], report["decompressed_offset"]))
+    return sorted(
+        reports, key=lambda report: (report["archive"], report["decompressed_offset"])
+    )
 
 
 def _peak_rss(totals: dict) -> int:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    workers = totals.get("worker_rss_bytes", {}).get("max", 0) if isinstance(totals.get("worker_rss_bytes"), dict) else 0
+    workers = (
+        totals.get("worker_rss_bytes", {}).get("max", 0)
+        if isinstance(totals.get("worker_rss_bytes"), dict)
+        else 0
+    )
     return max(own, children, workers)
 
 
@@ -316,7 +343,9 @@ def _remove_temporary_files(output: str) -> None:
         FileSystems.delete([meta.path for meta in leftovers])
 
 
-def run_job(options: PipelineOptions, plan: JobPlan, show_progress: bool = True) -> dict:
+def run_job(
+    options: PipelineOptions, plan: JobPlan, show_progress: bool = True
+) -> dict:
     """Runs the planned job to the end, resuming earlier work, and returns its summary.
 
     Raises OptionError before any work when the output is in use or holds
@@ -331,7 +360,9 @@ def run_job(options: PipelineOptions, plan: JobPlan, show_progress: bool = True)
         lock.release()
 
 
-def _run_locked(options, job, plan: JobPlan, all_archives, resume, show_progress: bool) -> dict:
+def _run_locked(
+    options, job, plan: JobPlan, all_archives, resume, show_progress: bool
+) -> dict:
     started = time.time()
     resumed_from = resume.describe(list(plan.archives)) if resume else {}
     if resume is not None:
@@ -343,7 +374,8 @@ def _run_locked(options, job, plan: JobPlan, all_archives, resume, show_progress
             resume.replay_count,
             resume.skip_count,
             ", ".join(
-                f"{name} after decompressed byte {start:,}" for name, start in resumed_from.items()
+                f"{name} after decompressed byte {start:,}"
+                for name, start in resumed_from.items()
             )
             or "the others start over",
         )
@@ -351,9 +383,11 @@ def _run_locked(options, job, plan: JobPlan, all_archives, resume, show_progress
     # default bound is then taken before the job uses memory, and what the
     # launcher holds (the DirectRunner keeps data between stages there)
     # counts against it.
-    guard = MemoryGuard.for_launcher(plan.reader.max_memory_bytes, plan.reader.memory_ledger_key)
+    guard = MemoryGuard.for_launcher(
+        plan.reader.max_memory_bytes, plan.reader.memory_ledger_key
+    )
     sampler = TreeSampler().start()
-    display: Optional[ProgressDisplay] = None
+    display: ProgressDisplay | None = None
     if show_progress and plan.reader.progress_dir and plan.archives:
         display = ProgressDisplay(
             plan.reader.progress_dir,
@@ -385,7 +419,11 @@ def _run_locked(options, job, plan: JobPlan, all_archives, resume, show_progress
             return {**earlier, "nothing_left_to_do": True}
 
     elapsed = time.time() - started
-    totals = _metric_totals(result) if result is not None else {name: 0 for name in _SUMMARY_COUNTERS}
+    totals = (
+        _metric_totals(result)
+        if result is not None
+        else {name: 0 for name in _SUMMARY_COUNTERS}
+    )
     damage = _damage_reports(plan.output)
     summary = {
         "state": str(state) if state is not None else "DONE (nothing left to do)",
@@ -397,12 +435,16 @@ def _run_locked(options, job, plan: JobPlan, all_archives, resume, show_progress
         # slip between samples; that process's own peak cannot.
         "peak_job_rss_bytes": max(peak_job_rss, _peak_rss(totals)),
         "max_memory_bytes": guard.max_bytes,
-        "records_per_sec": round(totals.get("records_read", 0) / elapsed, 1) if elapsed else None,
+        "records_per_sec": round(totals.get("records_read", 0) / elapsed, 1)
+        if elapsed
+        else None,
         "archives": [_archive_summary(spec, totals) for spec in all_archives],
         "resumed": resume is not None,
         "resumed_from": resumed_from,
         "finished_before": sorted(
-            spec.name for spec in all_archives if resume and spec.archive_id in resume.finished
+            spec.name
+            for spec in all_archives
+            if resume and spec.archive_id in resume.finished
         ),
         "damaged_archives": damage,
         "distributions": {
@@ -424,7 +466,7 @@ def _run_locked(options, job, plan: JobPlan, all_archives, resume, show_progress
     return summary
 
 
-def _earlier_summary(output: str) -> Optional[dict]:
+def _earlier_summary(output: str) -> dict | None:
     path = join_path(output, SUMMARY_FILE)
     if not FileSystems.exists(path):
         return None
@@ -465,12 +507,14 @@ def print_summary(summary: dict, stream=sys.stdout) -> None:
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("apache_beam", "google", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Runs the job from command-line arguments; returns the exit status."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help") for arg in arguments):

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 import psutil
 
+from transforms.memory import resident_total
 from transforms.progress import RateWindow, format_eta, format_rate
 
 __all__ = ["ProgressDisplay", "format_eta"]
@@ -129,13 +130,7 @@ class ProgressDisplay:
                     seen.add(pid)
                 except psutil.Error:
                     continue
-        total = 0
-        for process in processes:
-            try:
-                total += process.memory_info().rss
-            except psutil.Error:
-                continue
-        return total
+        return resident_total(processes)
 
     def lines(self, final: bool = False, every_row: bool = False) -> list[str]:
         """The current figures as text lines, the overall line first.

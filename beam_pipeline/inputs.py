@@ -53,17 +53,25 @@ def match_archives(patterns: list[str], output: str = "") -> list[ArchiveSpec]:
     seen: set[str] = set()
     for pattern in patterns:
         if "://" not in pattern and os.path.isdir(pattern):
-            raise OptionError(f"--input {pattern!r} is a folder; name the archives in it or a glob")
+            raise OptionError(
+                f"--input {pattern!r} is a folder; name the archives in it or a glob"
+            )
         try:
             result = FileSystems.match([pattern])[0]
         except BeamIOError as exc:
-            raise OptionError(f"--input {pattern!r} could not be listed: {exc}") from None
+            raise OptionError(
+                f"--input {pattern!r} could not be listed: {exc}"
+            ) from None
         matched = [
             (meta.path, meta.size_in_bytes)
             for meta in result.metadata_list
             if not meta.path.endswith("/")
         ] or _literal_file(pattern)
-        matched = [(path, size) for path, size in matched if not (output and _inside(path, output))]
+        matched = [
+            (path, size)
+            for path, size in matched
+            if not (output and _inside(path, output))
+        ]
         if not matched:
             raise OptionError(f"--input {pattern!r} matches no file")
         for path, size in matched:
@@ -80,7 +88,9 @@ def match_archives(patterns: list[str], output: str = "") -> list[ArchiveSpec]:
             )
         if "://" not in path:
             if os.path.isdir(path):
-                raise OptionError(f"--input {path!r} is a folder; name the archives in it or a glob")
+                raise OptionError(
+                    f"--input {path!r} is a folder; name the archives in it or a glob"
+                )
             if not stat.S_ISREG(os.stat(path).st_mode):
                 # A FIFO or a device would block the reader or never end.
                 raise OptionError(f"--input {path!r} is not a regular file")

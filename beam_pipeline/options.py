@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import datetime
-from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms.records import BATCH_KEYS, RecordFilter
 from transforms.reader import ReaderConfig
+from transforms.records import BATCH_KEYS, RecordFilter
 
-__all__ = ["OptionError", "PushshiftOptions", "parse_time", "reader_config", "record_filter"]
+__all__ = [
+    "OptionError",
+    "PushshiftOptions",
+    "parse_time",
+    "reader_config",
+    "record_filter",
+]
 
 MIB = 2**20
 
@@ -33,7 +38,11 @@ class PushshiftOptions(PipelineOptions):
             " knows (gs://); repeat for more. Reads .zst archives and plain"
             " .ndjson or .jsonl files.",
         )
-        group.add_argument("--output", default=None, help="Folder the job writes its batches, dead letters and summary to.")
+        group.add_argument(
+            "--output",
+            default=None,
+            help="Folder the job writes its batches, dead letters and summary to.",
+        )
         group.add_argument(
             "--checkpoint_dir",
             default=None,
@@ -84,7 +93,9 @@ class PushshiftOptions(PipelineOptions):
         )
 
         group = parser.add_argument_group("batching")
-        group.add_argument("--batch_size", type=int, default=1000, help="Records per batch handed on.")
+        group.add_argument(
+            "--batch_size", type=int, default=1000, help="Records per batch handed on."
+        )
         group.add_argument(
             "--batch_max_buffering_secs",
             type=float,
@@ -186,7 +197,7 @@ class PushshiftOptions(PipelineOptions):
         )
 
 
-def parse_time(text: Optional[str], flag: str) -> Optional[float]:
+def parse_time(text: str | None, flag: str) -> float | None:
     """Epoch seconds from epoch digits or an ISO date or time (UTC)."""
     if text is None:
         return None
@@ -205,7 +216,7 @@ def parse_time(text: Optional[str], flag: str) -> Optional[float]:
     return parsed.timestamp()
 
 
-def _names(values: Optional[list[str]]) -> frozenset[str]:
+def _names(values: list[str] | None) -> frozenset[str]:
     return frozenset(name.strip().lower() for name in values or [] if name.strip())
 
 
@@ -214,13 +225,20 @@ def record_filter(options: PushshiftOptions) -> RecordFilter:
     since = parse_time(options.since, "--since")
     until = parse_time(options.until, "--until")
     if since is not None and until is not None and since >= until:
-        raise OptionError(f"--since {options.since} is not before --until {options.until}")
+        raise OptionError(
+            f"--since {options.since} is not before --until {options.until}"
+        )
     if options.batch_key not in BATCH_KEYS:
-        raise OptionError(f"--batch_key must be one of {', '.join(BATCH_KEYS)}, not {options.batch_key!r}")
+        raise OptionError(
+            f"--batch_key must be one of {', '.join(BATCH_KEYS)}, not {options.batch_key!r}"
+        )
     if options.num_shards < 1:
         raise OptionError(f"--num_shards must be at least 1, not {options.num_shards}")
     fields = tuple(
-        name.strip() for value in options.fields or [] for name in value.split(",") if name.strip()
+        name.strip()
+        for value in options.fields or []
+        for name in value.split(",")
+        if name.strip()
     )
     return RecordFilter(
         subreddits=_names(options.subreddit),
@@ -234,18 +252,26 @@ def record_filter(options: PushshiftOptions) -> RecordFilter:
     )
 
 
-def reader_config(options: PushshiftOptions, max_memory_bytes: int, ledger_key: str) -> ReaderConfig:
+def reader_config(
+    options: PushshiftOptions, max_memory_bytes: int, ledger_key: str
+) -> ReaderConfig:
     """The reader's sizes from the options; raises OptionError."""
     for flag in ("read_chunk_bytes", "block_bytes", "max_record_bytes"):
         value = getattr(options, flag)
         if value < 1024:
             raise OptionError(f"--{flag} must be at least 1024, not {value}")
     if not 0 < options.max_bad_line_share <= 1:
-        raise OptionError(f"--max_bad_line_share must be in (0, 1], not {options.max_bad_line_share}")
+        raise OptionError(
+            f"--max_bad_line_share must be in (0, 1], not {options.max_bad_line_share}"
+        )
     if options.read_ahead_blocks < 0:
-        raise OptionError(f"--read_ahead_blocks must not be negative, not {options.read_ahead_blocks}")
+        raise OptionError(
+            f"--read_ahead_blocks must not be negative, not {options.read_ahead_blocks}"
+        )
     if options.desired_split_bytes < 0:
-        raise OptionError(f"--desired_split_bytes must not be negative, not {options.desired_split_bytes}")
+        raise OptionError(
+            f"--desired_split_bytes must not be negative, not {options.desired_split_bytes}"
+        )
     return ReaderConfig(
         read_chunk_bytes=options.read_chunk_bytes,
         block_bytes=options.block_bytes,
@@ -263,7 +289,10 @@ def reader_config(options: PushshiftOptions, max_memory_bytes: int, ledger_key: 
 def validate_batching(options: PushshiftOptions) -> None:
     if options.batch_size < 1:
         raise OptionError(f"--batch_size must be at least 1, not {options.batch_size}")
-    if options.batch_max_buffering_secs is not None and options.batch_max_buffering_secs <= 0:
+    if (
+        options.batch_max_buffering_secs is not None
+        and options.batch_max_buffering_secs <= 0
+    ):
         raise OptionError(
             f"--batch_max_buffering_secs must be positive, not {options.batch_max_buffering_secs}"
         )
@@ -275,4 +304,6 @@ def validate_batching(options: PushshiftOptions) -> None:
     if options.fan_out not in ("auto", "on", "off"):
         raise OptionError(f"--fan_out must be on, off or auto, not {options.fan_out!r}")
     if options.max_memory_mb is not None and options.max_memory_mb < 64:
-        raise OptionError(f"--max_memory_mb must be at least 64, not {options.max_memory_mb}")
+        raise OptionError(
+            f"--max_memory_mb must be at least 64, not {options.max_memory_mb}"
+        )

@@ -1,17 +1,16 @@
 """Assembly of the job: archives in, batches handed on, reports out.
 
-    archives -> ReadArchiveBlocks (splittable) -> [Reshuffle] -> ParseRecords
-      -> BatchRecords (full batches per bundle; the rest via GroupIntoBatches)
-      -> batch handler (files under OUTPUT/batches)
-    dead letters of reading and parsing -> OUTPUT/dead_letter
-    damage reports of reading -> OUTPUT/_damage
+archives -> ReadArchiveBlocks (splittable) -> [Reshuffle] -> ParseRecords
+  -> BatchRecords (full batches per bundle; the rest via GroupIntoBatches)
+  -> batch handler (files under OUTPUT/batches)
+dead letters of reading and parsing -> OUTPUT/dead_letter
+damage reports of reading -> OUTPUT/_damage
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Optional
 
 import apache_beam as beam
 from apache_beam import typehints
@@ -25,7 +24,12 @@ from transforms.reader import (
     ReaderConfig,
 )
 from transforms.records import ParseRecords, RecordFilter, ResumeFiles
-from transforms.sinks import BatchHandler, WriteBatchFiles, WriteDamageReports, WriteDeadLetters
+from transforms.sinks import (
+    BatchHandler,
+    WriteBatchFiles,
+    WriteDamageReports,
+    WriteDeadLetters,
+)
 
 __all__ = ["JobPlan", "build_pipeline", "handler_class", "load_batch_handler"]
 
@@ -41,15 +45,15 @@ class JobPlan:
     reader: ReaderConfig
     record_filter: RecordFilter
     batch_size: int
-    batch_max_buffering_secs: Optional[float]
+    batch_max_buffering_secs: float | None
     fan_out: bool
-    batch_handler: Optional[str] = None
+    batch_handler: str | None = None
     leftover_grouping: str = "group_into_batches"
-    state_dir: Optional[str] = None
-    resume: Optional[ResumeFiles] = None
+    state_dir: str | None = None
+    resume: ResumeFiles | None = None
 
 
-def handler_class(spec: Optional[str]) -> type:
+def handler_class(spec: str | None) -> type:
     """The batch handler class ``module:Class`` names, or the file writer.
 
     Raises ValueError naming the spec when it cannot be loaded or is not a
@@ -71,7 +75,9 @@ def handler_class(spec: Optional[str]) -> type:
     return loaded
 
 
-def load_batch_handler(spec: Optional[str], output: str, state_dir: Optional[str]) -> beam.DoFn:
+def load_batch_handler(
+    spec: str | None, output: str, state_dir: str | None
+) -> beam.DoFn:
     """The DoFn batches are handed to, built with the output and state folders."""
     return handler_class(spec)(output, state_dir)
 

@@ -62,7 +62,14 @@ LOCK_FILE = "lock"
 
 
 # Outputs a restart removes, beside the state itself.
-_OUTPUT_PARTS = ("batches", "dead_letter", "_damage", "_tmp", "_progress", "_summary.json")
+_OUTPUT_PARTS = (
+    "batches",
+    "dead_letter",
+    "_damage",
+    "_tmp",
+    "_progress",
+    "_summary.json",
+)
 
 
 def job_fingerprint(description: dict) -> str:
@@ -100,7 +107,9 @@ def _list(pattern: str) -> list[str]:
 
 
 def _read(path: str) -> bytes:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+    with FileSystems.open(
+        path, compression_type=CompressionTypes.UNCOMPRESSED
+    ) as handle:
         return handle.read()
 
 
@@ -161,7 +170,9 @@ class JobLock:
                 )
         self._stop = threading.Event()
         self._beat()
-        threading.Thread(target=self._beat_forever, name="job-lock", daemon=True).start()
+        threading.Thread(
+            target=self._beat_forever, name="job-lock", daemon=True
+        ).start()
 
     def _beat(self) -> None:
         payload = json.dumps({"holder": self._holder_text(), "heartbeat": time.time()})
@@ -217,7 +228,10 @@ class StateStore:
     def restart(self) -> None:
         """Removes the state and everything an earlier run wrote."""
         parts = [FileSystems.join(self.output, part) for part in _OUTPUT_PARTS]
-        parts += [FileSystems.join(self.folder, name) for name in (WRITTEN_DIR, LEDGER_DIR, SKIP_FILE, REPLAY_FILE, JOB_FILE)]
+        parts += [
+            FileSystems.join(self.folder, name)
+            for name in (WRITTEN_DIR, LEDGER_DIR, SKIP_FILE, REPLAY_FILE, JOB_FILE)
+        ]
         for path in parts:
             if "://" in path:
                 _delete(_list(path + "*"))
@@ -320,7 +334,9 @@ class StateStore:
             for line in _read(path).splitlines():
                 letter = json.loads(line)
                 if letter["archive"] in ids:
-                    positions.append(global_position(ids[letter["archive"]], letter["offset"]))
+                    positions.append(
+                        global_position(ids[letter["archive"]], letter["offset"])
+                    )
         return positions
 
     def _ledger(self) -> dict[int, tuple[list, list[int]]]:

@@ -21,7 +21,8 @@ import json
 import random
 import sys
 import time
-from typing import BinaryIO, Iterator, Optional
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import orjson
 import zstandard
@@ -38,18 +39,60 @@ _WORDS = (
     " sound no most people my over know water than call first who may down side been now find"
     " reddit thread post upvote karma mod edit source link comment lol deleted removed"
 ).split()
-_NON_ASCII = ["café", "naïve", "Straße", "日本語", "emoji 😀", "Ελληνικά", "русский", "€100", "—", "…"]
+_NON_ASCII = [
+    "café",
+    "naïve",
+    "Straße",
+    "日本語",
+    "emoji 😀",
+    "Ελληνικά",
+    "русский",
+    "€100",
+    "—",
+    "…",
+]
 _SUBREDDIT_BASE = [
-    "AskReddit", "funny", "pics", "politics", "worldnews", "gaming", "news", "todayilearned",
-    "AskMen", "AskWomen", "science", "movies", "videos", "technology", "programming",
-    "reddit.com", "books", "Music", "nba", "soccer", "europe", "de", "france", "japan",
+    "AskReddit",
+    "funny",
+    "pics",
+    "politics",
+    "worldnews",
+    "gaming",
+    "news",
+    "todayilearned",
+    "AskMen",
+    "AskWomen",
+    "science",
+    "movies",
+    "videos",
+    "technology",
+    "programming",
+    "reddit.com",
+    "books",
+    "Music",
+    "nba",
+    "soccer",
+    "europe",
+    "de",
+    "france",
+    "japan",
 ]
 
 
 def parse_size(text: str) -> int:
     """Bytes from '500', '64KB', '1.5GB' (decimal) or '2GiB' (binary)."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    units = {
+        "": 1,
+        "b": 1,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+    }
     number = text.strip().lower()
     suffix = number.lstrip("0123456789.")
     value = number[: len(number) - len(suffix)]
@@ -65,7 +108,7 @@ class SynthSpec:
     kind: str = "comments"
     month: str = "2019-10"
     target_bytes: int = 10 * 10**6
-    records: Optional[int] = None
+    records: int | None = None
     seed: int = 1
     subreddits: int = 2000
 
@@ -74,9 +117,13 @@ class _Pools:
     """Pre-drawn names and bodies, so each record costs a few choices."""
 
     def __init__(self, spec: SynthSpec, rng: random.Random) -> None:
-        self.subreddits = list(_SUBREDDIT_BASE) + [f"sub_{i:05d}" for i in range(spec.subreddits)]
+        self.subreddits = list(_SUBREDDIT_BASE) + [
+            f"sub_{i:05d}" for i in range(spec.subreddits)
+        ]
         # Zipf-like weights: a few giants, a long tail.
-        self.subreddit_weights = [1.0 / (rank + 1) ** 1.1 for rank in range(len(self.subreddits))]
+        self.subreddit_weights = [
+            1.0 / (rank + 1) ** 1.1 for rank in range(len(self.subreddits))
+        ]
         self.authors = ["[deleted]", "AutoModerator"] + [
             f"user_{rng.getrandbits(40):010x}" for _ in range(20000)
         ]
@@ -122,7 +169,9 @@ def _layout(month: str) -> tuple[str, bool, bool]:
 
 def _month_start(month: str) -> int:
     year, number = (int(part) for part in month.split("-"))
-    return int(datetime.datetime(year, number, 1, tzinfo=datetime.timezone.utc).timestamp())
+    return int(
+        datetime.datetime(year, number, 1, tzinfo=datetime.timezone.utc).timestamp()
+    )
 
 
 def record_lines(spec: SynthSpec) -> Iterator[bytes]:
@@ -132,7 +181,9 @@ def record_lines(spec: SynthSpec) -> Iterator[bytes]:
     created_type, sorted_keys, escape = _layout(spec.month)
     start = _month_start(spec.month)
     encoded_bodies = [
-        json.dumps(body, ensure_ascii=True).encode("ascii") if escape else orjson.dumps(body)
+        json.dumps(body, ensure_ascii=True).encode("ascii")
+        if escape
+        else orjson.dumps(body)
         for body in pools.bodies
     ]
     # Key order draws from its own generator, so that the same seed gives
@@ -142,22 +193,39 @@ def record_lines(spec: SynthSpec) -> Iterator[bytes]:
     produced = count = 0
     chunk = 4096
     while True:
-        subreddits = rng.choices(range(len(pools.subreddits)), pools.subreddit_weights, k=chunk)
+        subreddits = rng.choices(
+            range(len(pools.subreddits)), pools.subreddit_weights, k=chunk
+        )
         authors = rng.choices(pools.authors, pools.author_weights, k=chunk)
         bodies = rng.choices(range(len(encoded_bodies)), k=chunk)
         for position in range(chunk):
             sub_index = subreddits[position]
             created = start + rng.randrange(28 * 86400)
-            record = _record(spec.kind, rng, pools.subreddits[sub_index], sub_index, authors[position], created, created_type)
+            record = _record(
+                spec.kind,
+                rng,
+                pools.subreddits[sub_index],
+                sub_index,
+                authors[position],
+                created,
+                created_type,
+            )
             if sorted_keys:
                 record = dict(sorted(record.items()))
             else:
                 if key_orders is None:
                     keys = list(record)
-                    key_orders = [order_rng.sample(keys, len(keys)) for _ in range(8)] + [keys]
+                    key_orders = [
+                        order_rng.sample(keys, len(keys)) for _ in range(8)
+                    ] + [keys]
                 order = key_orders[order_rng.randrange(len(key_orders))]
                 record = {key: record[key] for key in order if key in record}
-            line = orjson.dumps(record).replace(b'"\\u0000BODY"', encoded_bodies[bodies[position]]) + b"\n"
+            line = (
+                orjson.dumps(record).replace(
+                    b'"\\u0000BODY"', encoded_bodies[bodies[position]]
+                )
+                + b"\n"
+            )
             produced += len(line)
             count += 1
             yield line
@@ -168,10 +236,26 @@ def record_lines(spec: SynthSpec) -> Iterator[bytes]:
                 return
 
 
-def _record(kind: str, rng: random.Random, subreddit: str, sub_index: int, author: str, created: int, created_type: str) -> dict:
-    created_value = str(created) if created_type == "str" else (float(created) if created_type == "float" else created)
+def _record(
+    kind: str,
+    rng: random.Random,
+    subreddit: str,
+    sub_index: int,
+    author: str,
+    created: int,
+    created_type: str,
+) -> dict:
+    created_value = (
+        str(created)
+        if created_type == "str"
+        else (float(created) if created_type == "float" else created)
+    )
     item_id = f"{rng.getrandbits(36):x}"
-    edited = False if rng.random() < 0.95 else (created + rng.randrange(3600) if rng.random() < 0.97 else True)
+    edited = (
+        False
+        if rng.random() < 0.95
+        else (created + rng.randrange(3600) if rng.random() < 0.97 else True)
+    )
     score = rng.randint(-20, 5000) if rng.random() < 0.99 else None
     common = {
         "author": author,
@@ -220,7 +304,13 @@ def _record(kind: str, rng: random.Random, subreddit: str, sub_index: int, autho
     return common
 
 
-def generate(path_or_handle, spec: SynthSpec, frame_bytes: Optional[int] = None, window_log: int = 31, level: int = 3) -> dict:
+def generate(
+    path_or_handle,
+    spec: SynthSpec,
+    frame_bytes: int | None = None,
+    window_log: int = 31,
+    level: int = 3,
+) -> dict:
     """Writes an archive; returns its record count and decompressed size.
 
     Without ``frame_bytes`` it is one frame with a ``2**window_log`` window
@@ -245,7 +335,12 @@ def generate(path_or_handle, spec: SynthSpec, frame_bytes: Optional[int] = None,
             writer.close()
         else:
             params = zstandard.ZstdCompressionParameters.from_level(
-                level, window_log=window_log, enable_ldm=window_log > 27, write_checksum=1, write_content_size=0, threads=-1
+                level,
+                window_log=window_log,
+                enable_ldm=window_log > 27,
+                write_checksum=1,
+                write_content_size=0,
+                threads=-1,
             )
             compressor = zstandard.ZstdCompressor(compression_params=params)
             with compressor.stream_writer(handle, closefd=False) as writer:
@@ -264,21 +359,60 @@ def generate(path_or_handle, spec: SynthSpec, frame_bytes: Optional[int] = None,
     return {"records": count, "decompressed_bytes": size}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m beam_pipeline.synth", description="Write a synthetic Pushshift-like archive.")
-    parser.add_argument("output", help="The archive to write (.zst, or .ndjson/.jsonl for plain).")
-    parser.add_argument("--size", default="10MB", help="Decompressed size to reach, such as 64MB or 1GB.")
-    parser.add_argument("--records", type=int, default=None, help="Write exactly this many records instead of a size.")
-    parser.add_argument("--kind", choices=("comments", "submissions"), default="comments", help="Record layout.")
-    parser.add_argument("--month", default="2019-10", help="YYYY-MM whose layout and type drift to copy.")
-    parser.add_argument("--seed", type=int, default=1, help="Random seed; the same seed writes the same archive.")
-    parser.add_argument("--frame_bytes", default=None, help="Write a seekable archive with frames of this decompressed size.")
-    parser.add_argument("--window_log", type=int, default=31, help="Window of the single frame, as a power of two.")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m beam_pipeline.synth",
+        description="Write a synthetic Pushshift-like archive.",
+    )
+    parser.add_argument(
+        "output", help="The archive to write (.zst, or .ndjson/.jsonl for plain)."
+    )
+    parser.add_argument(
+        "--size",
+        default="10MB",
+        help="Decompressed size to reach, such as 64MB or 1GB.",
+    )
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=None,
+        help="Write exactly this many records instead of a size.",
+    )
+    parser.add_argument(
+        "--kind",
+        choices=("comments", "submissions"),
+        default="comments",
+        help="Record layout.",
+    )
+    parser.add_argument(
+        "--month",
+        default="2019-10",
+        help="YYYY-MM whose layout and type drift to copy.",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="Random seed; the same seed writes the same archive.",
+    )
+    parser.add_argument(
+        "--frame_bytes",
+        default=None,
+        help="Write a seekable archive with frames of this decompressed size.",
+    )
+    parser.add_argument(
+        "--window_log",
+        type=int,
+        default=31,
+        help="Window of the single frame, as a power of two.",
+    )
     parser.add_argument("--level", type=int, default=3, help="zstd compression level.")
     args = parser.parse_args(argv)
 
     try:
-        spec = SynthSpec(args.kind, args.month, parse_size(args.size), args.records, args.seed)
+        spec = SynthSpec(
+            args.kind, args.month, parse_size(args.size), args.records, args.seed
+        )
         frame_bytes = parse_size(args.frame_bytes) if args.frame_bytes else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,7 +15,9 @@ from tests.helpers import REAL_DATA  # noqa: E402
 @pytest.fixture(scope="session")
 def real_data() -> str:
     if not os.path.isdir(REAL_DATA):
-        pytest.fail(f"the real samples are missing: {REAL_DATA} (see ../shared/data/README.md)")
+        pytest.fail(
+            f"the real samples are missing: {REAL_DATA} (see ../shared/data/README.md)"
+        )
     return REAL_DATA
 
 
@@ -29,7 +31,9 @@ def synthetic_archives(tmp_path_factory):
         key = (name, frame_bytes, window_log, tuple(sorted(spec.items())))
         if key not in made:
             path = str(folder / name)
-            generate(path, SynthSpec(**spec), frame_bytes=frame_bytes, window_log=window_log)
+            generate(
+                path, SynthSpec(**spec), frame_bytes=frame_bytes, window_log=window_log
+            )
             made[key] = path
         return made[key]
 

@@ -7,11 +7,10 @@ import json
 import os
 import subprocess
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import orjson
 import zstandard
-
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipeline.cli import prepare, run_job
@@ -30,9 +29,9 @@ def decompress_file(path: str) -> bytes:
     with open(path, "rb") as handle:
         if not path.endswith(".zst"):
             return handle.read()
-        reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE).stream_reader(
-            handle, read_across_frames=True
-        )
+        reader = zstandard.ZstdDecompressor(
+            max_window_size=MAX_WINDOW_SIZE
+        ).stream_reader(handle, read_across_frames=True)
         return reader.read()
 
 
@@ -57,7 +56,7 @@ def run(arguments: Sequence[str], show_progress: bool = False) -> dict:
     return run_job(options, plan, show_progress=show_progress)
 
 
-def run_cli(arguments: Sequence[str], timeout: float = 600, env: Optional[dict] = None):
+def run_cli(arguments: Sequence[str], timeout: float = 600, env: dict | None = None):
     """Runs ``python -m beam_pipeline`` as a user would; returns the process."""
     environment = dict(os.environ, NO_GCE_CHECK="true", PYTHONUNBUFFERED="1")
     environment.update(env or {})

@@ -41,10 +41,17 @@ def test_reddit_com_from_both_rc_files_in_batches_of_100(real_data, tmp_path):
     output = str(tmp_path / "out")
 
     result = run(
-        [*(f"--input={path}" for path in inputs), f"--output={output}", "--subreddit=reddit.com", "--batch_size=100"]
+        [
+            *(f"--input={path}" for path in inputs),
+            f"--output={output}",
+            "--subreddit=reddit.com",
+            "--batch_size=100",
+        ]
     )
 
-    expected = expected_records(inputs, lambda r: r.get("subreddit", "").lower() == "reddit.com")
+    expected = expected_records(
+        inputs, lambda r: r.get("subreddit", "").lower() == "reddit.com"
+    )
     assert len(expected) == 4739
     written = written_records(output)
     assert sorted(written) == sorted(expected)
@@ -89,11 +96,26 @@ def test_batches_hold_one_key_each_and_at_most_batch_size(real_data, tmp_path):
 def test_batch_key_author_and_none(real_data, tmp_path):
     path = real_sample("RC_2005-12.zst")
 
-    run([f"--input={path}", f"--output={tmp_path / 'a'}", "--batch_key=author", "--batch_size=50"])
+    run(
+        [
+            f"--input={path}",
+            f"--output={tmp_path / 'a'}",
+            "--batch_key=author",
+            "--batch_size=50",
+        ]
+    )
     for lines in read_batches(str(tmp_path / "a")).values():
         assert len({parse(line)["author"].lower() for line in lines}) == 1
 
-    run([f"--input={path}", f"--output={tmp_path / 'n'}", "--batch_key=none", "--num_shards=4", "--batch_size=100"])
+    run(
+        [
+            f"--input={path}",
+            f"--output={tmp_path / 'n'}",
+            "--batch_key=none",
+            "--num_shards=4",
+            "--batch_size=100",
+        ]
+    )
     batches = read_batches(str(tmp_path / "n"))
     sizes = sorted(len(lines) for lines in batches.values())
     assert sum(sizes) == 1075
@@ -117,13 +139,23 @@ def test_filters_combine_subreddit_author_and_time(real_data, tmp_path):
         )
 
     output = str(tmp_path / "time")
-    run([f"--input={path}", f"--output={output}", "--subreddit=REDDIT.com", f"--since={since}", f"--until={until}"])
+    run(
+        [
+            f"--input={path}",
+            f"--output={output}",
+            "--subreddit=REDDIT.com",
+            f"--since={since}",
+            f"--until={until}",
+        ]
+    )
     assert sorted(written_records(output)) == sorted(expected_records([path], keep))
     assert 0 < len(written_records(output)) < 3666
 
     output = str(tmp_path / "author")
     run([f"--input={path}", f"--output={output}", f"--author={author.upper()}"])
-    expected = expected_records([path], lambda r: r.get("author", "").lower() == author.lower())
+    expected = expected_records(
+        [path], lambda r: r.get("author", "").lower() == author.lower()
+    )
     assert sorted(written_records(output)) == sorted(expected)
     assert expected
 
@@ -132,13 +164,23 @@ def test_fields_keeps_only_the_named_fields(real_data, tmp_path):
     path = real_sample("RC_2005-12.zst")
     output = str(tmp_path / "out")
 
-    run([f"--input={path}", f"--output={output}", "--fields=id,subreddit", "--fields=created_utc,nope"])
+    run(
+        [
+            f"--input={path}",
+            f"--output={output}",
+            "--fields=id,subreddit",
+            "--fields=created_utc,nope",
+        ]
+    )
 
     written = [parse(line) for line in written_records(output)]
     original = [parse(line) for _, line in archive_lines(path)]
     assert len(written) == len(original)
     expected = sorted(
-        ({k: r[k] for k in ("id", "subreddit", "created_utc") if k in r} for r in original),
+        (
+            {k: r[k] for k in ("id", "subreddit", "created_utc") if k in r}
+            for r in original
+        ),
         key=lambda r: r["id"],
     )
     assert sorted(written, key=lambda r: r["id"]) == expected
@@ -150,9 +192,19 @@ def test_created_utc_of_every_type_filters_alike(synthetic_archives, tmp_path):
     for month in ("2010-06", "2019-06", "2024-06"):
         path = synthetic_archives(f"RC_{month}.zst", records=3000, month=month, seed=7)
         sample = parse(archive_lines(path)[0][1])["created_utc"]
-        assert type(sample).__name__ == {"2010-06": "str", "2019-06": "int", "2024-06": "float"}[month]
+        assert (
+            type(sample).__name__
+            == {"2010-06": "str", "2019-06": "int", "2024-06": "float"}[month]
+        )
         output = str(tmp_path / month)
-        run([f"--input={path}", f"--output={output}", f"--since={month}-10", f"--until={month}-20"])
+        run(
+            [
+                f"--input={path}",
+                f"--output={output}",
+                f"--since={month}-10",
+                f"--until={month}-20",
+            ]
+        )
         outputs[month] = len(written_records(output))
     assert len(set(outputs.values())) == 1, outputs
     assert 0 < outputs["2019-06"] < 3000
@@ -213,12 +265,17 @@ def test_summary_file_holds_the_counters(real_data, tmp_path):
     ):
         assert saved[name] == returned[name], name
     assert saved["compressed_bytes_read"] == os.path.getsize(path)
-    assert saved["decompressed_bytes_read"] == len(b"\n".join(line for _, line in archive_lines(path))) + 1
+    assert (
+        saved["decompressed_bytes_read"]
+        == len(b"\n".join(line for _, line in archive_lines(path))) + 1
+    )
     assert saved["peak_rss_bytes"] > 50 * 2**20
 
 
 def test_cli_prints_the_summary_and_exits_zero(real_data, tmp_path):
-    process = run_cli([f"--input={real_sample('RC_2005-12.zst')}", f"--output={tmp_path / 'out'}"])
+    process = run_cli(
+        [f"--input={real_sample('RC_2005-12.zst')}", f"--output={tmp_path / 'out'}"]
+    )
 
     assert process.returncode == 0, process.stderr
     assert "status: succeeded" in process.stdout
@@ -229,8 +286,20 @@ def test_help_lists_every_job_option():
     process = run_cli(["--help"], timeout=120)
 
     assert process.returncode == 0
-    for flag in ("--input", "--output", "--batch_size", "--batch_max_buffering_secs", "--batch_key",
-                 "--subreddit", "--author", "--since", "--until", "--fields", "--max_memory_mb", "--profile"):
+    for flag in (
+        "--input",
+        "--output",
+        "--batch_size",
+        "--batch_max_buffering_secs",
+        "--batch_key",
+        "--subreddit",
+        "--author",
+        "--since",
+        "--until",
+        "--fields",
+        "--max_memory_mb",
+        "--profile",
+    ):
         assert flag in process.stdout, flag
 
 
@@ -238,18 +307,42 @@ def test_help_lists_every_job_option():
     "arguments, message",
     [
         (["--output=OUT"], "error: --input is required"),
-        (["--input=/nonexistent/RC_*.zst", "--output=OUT"], "error: --input '/nonexistent/RC_*.zst' matches no file"),
-        (["--input=IN", "--output=OUT", "--batch_size=0"], "error: --batch_size must be at least 1, not 0"),
-        (["--input=IN", "--output=OUT", "--since=2020-01-02", "--until=2020-01-01"], "error: --since 2020-01-02 is not before --until 2020-01-01"),
-        (["--input=IN", "--output=OUT", "--since=yesterday"], "error: --since 'yesterday' is neither an ISO date"),
-        (["--input=IN", "--output=OUT", "--batch_key=month"], "error: --batch_key must be one of subreddit, author, none"),
-        (["--input=IN", "--output=OUT", "--batch_handler=nosuch:Cls"], "error: --batch_handler 'nosuch:Cls' cannot be loaded: No module named 'nosuch'"),
-        (["--input=IN", "--output=OUT", "--batch_handler=json:dumps"], "error: --batch_handler 'json:dumps' is not a subclass of transforms.sinks.BatchHandler"),
+        (
+            ["--input=/nonexistent/RC_*.zst", "--output=OUT"],
+            "error: --input '/nonexistent/RC_*.zst' matches no file",
+        ),
+        (
+            ["--input=IN", "--output=OUT", "--batch_size=0"],
+            "error: --batch_size must be at least 1, not 0",
+        ),
+        (
+            ["--input=IN", "--output=OUT", "--since=2020-01-02", "--until=2020-01-01"],
+            "error: --since 2020-01-02 is not before --until 2020-01-01",
+        ),
+        (
+            ["--input=IN", "--output=OUT", "--since=yesterday"],
+            "error: --since 'yesterday' is neither an ISO date",
+        ),
+        (
+            ["--input=IN", "--output=OUT", "--batch_key=month"],
+            "error: --batch_key must be one of subreddit, author, none",
+        ),
+        (
+            ["--input=IN", "--output=OUT", "--batch_handler=nosuch:Cls"],
+            "error: --batch_handler 'nosuch:Cls' cannot be loaded: No module named 'nosuch'",
+        ),
+        (
+            ["--input=IN", "--output=OUT", "--batch_handler=json:dumps"],
+            "error: --batch_handler 'json:dumps' is not a subclass of transforms.sinks.BatchHandler",
+        ),
     ],
 )
 def test_user_mistakes_are_one_line_errors(real_data, tmp_path, arguments, message):
     arguments = [
-        a.replace("IN", real_sample("RC_2005-12.zst")).replace("OUT", str(tmp_path / "out")) for a in arguments
+        a.replace("IN", real_sample("RC_2005-12.zst")).replace(
+            "OUT", str(tmp_path / "out")
+        )
+        for a in arguments
     ]
 
     process = run_cli(arguments, timeout=120)
@@ -270,23 +363,36 @@ class JsonListHandler(BatchHandler):
     def hand_on(self, batch_id, key, records):
         folder = os.path.join(self._output, "handed")
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, batch_id + ".json"), "w", encoding="utf-8") as handle:
-            json.dump({"key": key, "records": [line.decode("utf-8") for _, line in records]}, handle)
+        with open(
+            os.path.join(folder, batch_id + ".json"), "w", encoding="utf-8"
+        ) as handle:
+            json.dump(
+                {"key": key, "records": [line.decode("utf-8") for _, line in records]},
+                handle,
+            )
 
 
 def test_a_custom_batch_handler_receives_every_batch(real_data, tmp_path):
     path = real_sample("RC_2005-12.zst")
     output = str(tmp_path / "out")
 
-    result = run([f"--input={path}", f"--output={output}", "--batch_size=100",
-                  "--batch_handler=tests.test_main_job:JsonListHandler"])
+    result = run(
+        [
+            f"--input={path}",
+            f"--output={output}",
+            "--batch_size=100",
+            "--batch_handler=tests.test_main_job:JsonListHandler",
+        ]
+    )
 
     handed = []
     for name in os.listdir(os.path.join(output, "handed")):
         with open(os.path.join(output, "handed", name), encoding="utf-8") as handle:
             batch = json.load(handle)
         assert len(batch["records"]) <= 100
-        assert {parse(line.encode())["subreddit"].lower() for line in batch["records"]} == {batch["key"]}
+        assert {
+            parse(line.encode())["subreddit"].lower() for line in batch["records"]
+        } == {batch["key"]}
         handed.extend(line.encode() for line in batch["records"])
     assert sorted(handed) == sorted(line for _, line in archive_lines(path))
     assert result["records_written"] == 1075
@@ -298,7 +404,14 @@ def test_both_leftover_groupings_write_the_same_batches(real_data, tmp_path):
     outputs = {}
     for grouping in ("group_into_batches", "group_by_key"):
         output = str(tmp_path / grouping)
-        run([f"--input={path}", f"--output={output}", "--batch_size=7", f"--leftover_grouping={grouping}"])
+        run(
+            [
+                f"--input={path}",
+                f"--output={output}",
+                "--batch_size=7",
+                f"--leftover_grouping={grouping}",
+            ]
+        )
         outputs[grouping] = read_batches(output)
 
     assert outputs["group_into_batches"].keys() == outputs["group_by_key"].keys()

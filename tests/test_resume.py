@@ -12,7 +12,14 @@ import time
 
 import pytest
 
-from tests.helpers import PROJECT_ROOT, archive_lines, read_batches, run, run_cli, summary
+from tests.helpers import (
+    PROJECT_ROOT,
+    archive_lines,
+    read_batches,
+    run,
+    run_cli,
+    summary,
+)
 
 BATCH_SIZE = 400
 
@@ -22,13 +29,23 @@ def archives(synthetic_archives):
     # Few subreddits, so that most records leave in full batches while the
     # archives are still being read.
     return [
-        synthetic_archives(f"RC_2019-0{month}.zst", target_bytes=25 * 10**6, month=f"2019-0{month}", seed=month, subreddits=40)
+        synthetic_archives(
+            f"RC_2019-0{month}.zst",
+            target_bytes=25 * 10**6,
+            month=f"2019-0{month}",
+            seed=month,
+            subreddits=40,
+        )
         for month in (1, 2)
     ]
 
 
 def job_arguments(archives, output):
-    return [*(f"--input={path}" for path in archives), f"--output={output}", f"--batch_size={BATCH_SIZE}"]
+    return [
+        *(f"--input={path}" for path in archives),
+        f"--output={output}",
+        f"--batch_size={BATCH_SIZE}",
+    ]
 
 
 def start_job(arguments):
@@ -65,7 +82,7 @@ def all_lines(archives):
     return sorted(line for path in archives for _, line in archive_lines(path))
 
 
-def assert_exact(output, archives):
+def assert_exact(output, archives, batch_size=BATCH_SIZE):
     """Every record once, batch sizes within the contract, no partial file."""
     batches = read_batches(output)
     written = sorted(line for lines in batches.values() for line in lines)
@@ -73,9 +90,13 @@ def assert_exact(output, archives):
     counts = collections.Counter(written)
     assert max(counts.values()) == 1
     assert written == all_lines(archives)
-    leftovers = [name for name in os.listdir(os.path.join(output, "batches")) if not name.endswith(".jsonl.zst")]
+    leftovers = [
+        name
+        for name in os.listdir(os.path.join(output, "batches"))
+        if not name.endswith(".jsonl.zst")
+    ]
     assert leftovers == []
-    assert all(len(lines) <= BATCH_SIZE for lines in batches.values())
+    assert all(len(lines) <= batch_size for lines in batches.values())
 
 
 def test_kills_at_several_points_then_resume_gives_the_clean_output(archives, tmp_path):
@@ -86,7 +107,9 @@ def test_kills_at_several_points_then_resume_gives_the_clean_output(archives, tm
     # Killed soon after the first batches, then again later in the resumed run.
     for threshold in (3, 40):
         process = start_job(arguments)
-        killed = kill_when(process, lambda: batch_count(output) >= threshold)
+        killed = kill_when(
+            process, lambda at_least=threshold: batch_count(output) >= at_least
+        )
         assert killed, process.stderr.read().decode()
 
     finished = run_cli(arguments)
@@ -108,8 +131,10 @@ def test_kill_in_the_middle_of_writing_a_batch(archives, tmp_path):
         names = os.listdir(temporary) if os.path.isdir(temporary) else []
         return any(name.endswith(".jsonl.zst.part") for name in names)
 
+    # Larger batches take longer to write, so a kill can land inside one.
+    arguments = [*arguments, f"--batch_size={4 * BATCH_SIZE}"]
     caught = False
-    for _ in range(5):
+    for _ in range(10):
         process = start_job(arguments)
         if kill_when(process, writing_a_batch) and writing_a_batch():
             caught = True
@@ -122,13 +147,16 @@ def test_kill_in_the_middle_of_writing_a_batch(archives, tmp_path):
 
     finished = run_cli(arguments)
     assert finished.returncode == 0, finished.stderr
-    assert_exact(output, archives)
+    assert_exact(output, archives, batch_size=4 * BATCH_SIZE)
     assert not os.listdir(temporary)
 
 
 def test_rerun_of_a_finished_job_does_nothing(real_data, tmp_path):
     output = str(tmp_path / "out")
-    arguments = [f"--input={os.path.join(real_data, 'RC_2005-12.zst')}", f"--output={output}"]
+    arguments = [
+        f"--input={os.path.join(real_data, 'RC_2005-12.zst')}",
+        f"--output={output}",
+    ]
     first = run(arguments)
     before = sorted(os.listdir(os.path.join(output, "batches")))
 
@@ -145,9 +173,21 @@ def test_rerun_of_a_finished_job_does_nothing(real_data, tmp_path):
 def test_changed_arguments_are_refused_unless_restart(real_data, tmp_path):
     output = str(tmp_path / "out")
     path = os.path.join(real_data, "RC_2005-12.zst")
-    assert run_cli([f"--input={path}", f"--output={output}", "--batch_size=100"]).returncode == 0
+    assert (
+        run_cli(
+            [f"--input={path}", f"--output={output}", "--batch_size=100"]
+        ).returncode
+        == 0
+    )
 
-    refused = run_cli([f"--input={path}", f"--output={output}", "--batch_size=50", "--subreddit=reddit.com"])
+    refused = run_cli(
+        [
+            f"--input={path}",
+            f"--output={output}",
+            "--batch_size=50",
+            "--subreddit=reddit.com",
+        ]
+    )
     assert refused.returncode == 2
     last = refused.stderr.strip().splitlines()[-1]
     assert last == (
@@ -155,7 +195,9 @@ def test_changed_arguments_are_refused_unless_restart(real_data, tmp_path):
         " rerun with the same arguments to resume it, add --restart to discard it, or choose another --output"
     )
 
-    restarted = run_cli([f"--input={path}", f"--output={output}", "--batch_size=50", "--restart"])
+    restarted = run_cli(
+        [f"--input={path}", f"--output={output}", "--batch_size=50", "--restart"]
+    )
     assert restarted.returncode == 0, restarted.stderr
     sizes = sorted(len(lines) for lines in read_batches(output).values())
     assert sum(sizes) == 1075 and max(sizes) == 50
@@ -175,7 +217,9 @@ def test_a_second_run_on_the_same_output_is_refused(archives, tmp_path):
 
         assert second.returncode == 2
         last = second.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"error: --output '{output}' is in use by another run (pid {first.pid} on ")
+        assert last.startswith(
+            f"error: --output '{output}' is in use by another run (pid {first.pid} on "
+        )
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()

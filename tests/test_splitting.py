@@ -430,35 +430,38 @@ def _job(inputs, output, *extra):
     )
 
 
-def test_job_output_is_the_same_with_timed_splits(archives, synthetic_archives, tmp_path):
-    # The splits are timed from the bundle's start, so the input must take
-    # longer to read than the last of them on any machine: 40 MB of
-    # 1 MiB frames takes about a second here.
-    large = synthetic_archives("timed_40mb.zst", frame_bytes=2**20, target_bytes=40 * 10**6, seed=11)
-    inputs = [archives["RC_2006-01.zst"], large]
+def test_job_output_is_the_same_with_timed_splits(archives, tmp_path):
+    inputs = [archives["RC_2006-01.zst"], archives["reframed"]]
     plain = _job(inputs, str(tmp_path / "plain"))
     splits = {
         READ_STAGE: {
-            "timings": [0.02, 0.05, 0.1, 0.15],
+            "timings": [0.05, 0.1, 0.2, 0.3],
             "fractions": [0.5, 0.0, 0.3, 0.0],
         }
     }
-
-    split = _job(
-        inputs,
-        str(tmp_path / "split"),
-        "--direct_running_mode=multi_threading",
-        "--direct_num_workers=1",
-        f"--direct_test_splits={json.dumps(splits)}",
-    )
-
     expected = sorted(line for path in inputs for _, line in archive_lines(path))
     assert sorted(written_records(str(tmp_path / "plain"))) == expected
-    assert sorted(written_records(str(tmp_path / "split"))) == expected
-    assert split["records_read"] == plain["records_read"] == len(expected)
-    # At least one split took: an archive was read in more than one pass.
     assert _passes(str(tmp_path / "plain")) == 2
-    assert _passes(str(tmp_path / "split")) > 2
+
+    # The splits are timed from the bundle's start, so on a fast machine the
+    # reading can end before the first; every attempt must be exact, and one
+    # of them must have been split.
+    split_taken = False
+    for attempt in range(3):
+        output = str(tmp_path / f"split{attempt}")
+        split = _job(
+            inputs,
+            output,
+            "--direct_running_mode=multi_threading",
+            "--direct_num_workers=1",
+            f"--direct_test_splits={json.dumps(splits)}",
+        )
+        assert sorted(written_records(output)) == expected
+        assert split["records_read"] == plain["records_read"] == len(expected)
+        if _passes(output) > 2:
+            split_taken = True
+            break
+    assert split_taken, "no timed split took effect in three attempts"
 
 
 def _passes(output: str) -> int:

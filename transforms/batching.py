@@ -150,7 +150,9 @@ class CutBatches(beam.DoFn):
     def __init__(self, batch_size: int) -> None:
         self._batch_size = batch_size
 
-    def process(self, element: tuple[str, Iterable[list[tuple[int, bytes]]]]) -> Iterator:
+    def process(
+        self, element: tuple[str, Iterable[list[tuple[int, bytes]]]]
+    ) -> Iterator:
         key, parts = element
         records = sorted(record for part in parts for record in part)
         size = self._batch_size
@@ -175,17 +177,23 @@ class BatchRecords(beam.PTransform):
     ) -> None:
         super().__init__()
         if leftover_grouping not in LEFTOVER_GROUPINGS:
-            raise ValueError(f"leftover grouping must be one of {LEFTOVER_GROUPINGS}, not {leftover_grouping!r}")
+            raise ValueError(
+                f"leftover grouping must be one of {LEFTOVER_GROUPINGS}, not {leftover_grouping!r}"
+            )
         self._batch_size = batch_size
         self._max_wait = max_buffering_secs
         self._max_bytes = max_buffer_bytes
         # Lists need no early flushes, so a buffering limit keeps the
         # record-by-record path through GroupIntoBatches.
-        self._as_lists = leftover_grouping == "group_by_key" and max_buffering_secs is None
+        self._as_lists = (
+            leftover_grouping == "group_by_key" and max_buffering_secs is None
+        )
 
     def expand(self, records):
         collected = records | "CollectFullBatches" >> beam.ParDo(
-            CollectBatches(self._batch_size, self._max_wait, self._max_bytes, self._as_lists)
+            CollectBatches(
+                self._batch_size, self._max_wait, self._max_bytes, self._as_lists
+            )
         ).with_output_types(BatchKV).with_outputs(LEFTOVER_TAG, main="full")
         if self._as_lists:
             # Without a buffering limit nothing is flushed early, so a
@@ -198,7 +206,8 @@ class BatchRecords(beam.PTransform):
             grouped = (
                 parts
                 | "GatherLeftovers" >> beam.GroupByKey()
-                | "CutLeftovers" >> beam.ParDo(CutBatches(self._batch_size)).with_output_types(BatchKV)
+                | "CutLeftovers"
+                >> beam.ParDo(CutBatches(self._batch_size)).with_output_types(BatchKV)
             )
             return collected.full, grouped
         leftovers = collected[LEFTOVER_TAG] | "TypeLeftovers" >> beam.Map(

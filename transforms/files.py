@@ -53,7 +53,9 @@ def write_atomically(output: str, final_path: str, payload: bytes) -> None:
 
 def encode_positions(positions: Iterable[int]) -> bytes:
     """Unsigned 64-bit integers, zstd-compressed."""
-    return zstandard.ZstdCompressor(level=3).compress(array.array("Q", positions).tobytes())
+    return zstandard.ZstdCompressor(level=3).compress(
+        array.array("Q", positions).tobytes()
+    )
 
 
 def decode_positions(payload: bytes) -> array.array:
@@ -101,5 +103,7 @@ def read_positions(path: str | None) -> frozenset[int]:
     """The positions stored in a file, or none if there is no such file."""
     if not path or not FileSystems.exists(path):
         return frozenset()
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+    with FileSystems.open(
+        path, compression_type=CompressionTypes.UNCOMPRESSED
+    ) as handle:
         return frozenset(decode_positions(handle.read()))

@@ -195,6 +195,17 @@ def peak_memory_bytes(
     return baseline_bytes + archives_open * per_archive
 
 
+def resident_total(processes) -> int:
+    """The resident memory of the processes still alive among these."""
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
 class MemoryBoundTooSmall(ValueError):
     """A decoder needs more memory than the whole bound allows."""
 
@@ -920,12 +931,7 @@ class TreeSampler:
             processes = [own, *own.children(recursive=True)]
         except psutil.Error:
             processes = [own]
-        total = 0
-        for process in processes:
-            try:
-                total += process.memory_info().rss
-            except psutil.Error:
-                continue
+        total = resident_total(processes)
         self.peak = max(self.peak, total)
         return total
 

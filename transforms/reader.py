@@ -15,7 +15,8 @@ import logging
 import os
 import queue
 import threading
-from typing import BinaryIO, Iterator, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import BinaryIO, NamedTuple
 
 import apache_beam as beam
 import numpy
@@ -151,7 +152,9 @@ def _is_plain(path: str) -> bool:
 
 
 def _open_raw(path: str) -> BinaryIO:
-    return FileSystems.open(path, "application/octet-stream", CompressionTypes.UNCOMPRESSED)
+    return FileSystems.open(
+        path, "application/octet-stream", CompressionTypes.UNCOMPRESSED
+    )
 
 
 _INDEX_LOCK = threading.Lock()
@@ -182,7 +185,9 @@ def _sample_ratio(handle: BinaryIO, size: int) -> float:
     decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
     produced = 0
     try:
-        with decompressor.stream_reader(counter, read_size=65536, closefd=False) as stream:
+        with decompressor.stream_reader(
+            counter, read_size=65536, closefd=False
+        ) as stream:
             while produced < _RATIO_SAMPLE_BYTES:
                 chunk = stream.read(65536)
                 if not chunk:
@@ -208,7 +213,7 @@ class _CountingReader:
     def __init__(
         self,
         handle: BinaryIO,
-        walker: Optional[FrameWalker],
+        walker: FrameWalker | None,
         start: int = 0,
         one_unit: bool = False,
     ) -> None:
@@ -216,7 +221,7 @@ class _CountingReader:
         self.walker = walker
         self.start = start
         self.position = start
-        self.damage: Optional[ArchiveDamage] = None
+        self.damage: ArchiveDamage | None = None
         self.unit_offset = start
         self._one_unit = one_unit
         self._padded = False
@@ -275,7 +280,9 @@ def _newlines(data: bytes) -> int:
     Counted for every decompressed byte, for the progress figures;
     ``bytes.count`` compares byte by byte, numpy in wide registers.
     """
-    return int(numpy.count_nonzero(numpy.frombuffer(data, dtype=numpy.uint8) == _NEWLINE))
+    return int(
+        numpy.count_nonzero(numpy.frombuffer(data, dtype=numpy.uint8) == _NEWLINE)
+    )
 
 
 class _ReadAhead:
@@ -289,7 +296,9 @@ class _ReadAhead:
     set up for them.
     """
 
-    def __init__(self, stream, counter: _CountingReader, chunk_bytes: int, depth: int) -> None:
+    def __init__(
+        self, stream, counter: _CountingReader, chunk_bytes: int, depth: int
+    ) -> None:
         self._stream = stream
         self._counter = counter
         self._chunk_bytes = chunk_bytes
@@ -297,7 +306,9 @@ class _ReadAhead:
         self._stop = threading.Event()
         self._ended = False
         self._position = counter.position
-        self._thread = threading.Thread(target=self._decode, name="zstd-read-ahead", daemon=True)
+        self._thread = threading.Thread(
+            target=self._decode, name="zstd-read-ahead", daemon=True
+        )
         self._thread.start()
 
     def _decode(self) -> None:
@@ -348,12 +359,18 @@ class _ArchiveRestrictions(RestrictionProvider):
 
     def initial_restriction(self, element: ArchiveSpec) -> ArchiveRestriction:
         index = archive_index(element.path, element.size)
-        stop = index.decompressed_size if index.decompressed_size is not None else END_OF_ARCHIVE
+        stop = (
+            index.decompressed_size
+            if index.decompressed_size is not None
+            else END_OF_ARCHIVE
+        )
         return ArchiveRestriction(element.path, min(element.start, stop), stop)
 
     def create_tracker(self, restriction: ArchiveRestriction) -> ArchiveTracker:
         index = archive_index(restriction.path, _size_of(restriction.path))
-        return ArchiveTracker(restriction, index, read_bytes=self._config.read_chunk_bytes)
+        return ArchiveTracker(
+            restriction, index, read_bytes=self._config.read_chunk_bytes
+        )
 
     def split(self, element: ArchiveSpec, restriction: ArchiveRestriction):
         desired = self._config.desired_split_bytes
@@ -373,7 +390,9 @@ class _ArchiveRestrictions(RestrictionProvider):
             start = boundary
         yield ArchiveRestriction(restriction.path, start, restriction.stop)
 
-    def restriction_size(self, element: ArchiveSpec, restriction: ArchiveRestriction) -> int:
+    def restriction_size(
+        self, element: ArchiveSpec, restriction: ArchiveRestriction
+    ) -> int:
         return estimated_size(archive_index(element.path, element.size), restriction)
 
     def restriction_coder(self) -> ArchiveRestrictionCoder:
@@ -398,7 +417,9 @@ def _replay_offsets(path: str, archive_id: int) -> list[int]:
     """Sorted offsets of one archive's lines that a resumed run replays."""
     first, last = global_position(archive_id, 0), global_position(archive_id + 1, 0)
     return sorted(
-        offset_of(position) for position in read_positions(path) if first <= position < last
+        offset_of(position)
+        for position in read_positions(path)
+        if first <= position < last
     )
 
 
@@ -407,7 +428,9 @@ def _size_of(path: str) -> int:
     """An archive's size; its path is a name, never matched as a glob."""
     if "://" not in path:
         return os.path.getsize(path)
-    with FileSystems.open(path, "application/octet-stream", CompressionTypes.UNCOMPRESSED) as handle:
+    with FileSystems.open(
+        path, "application/octet-stream", CompressionTypes.UNCOMPRESSED
+    ) as handle:
         handle.seek(0, os.SEEK_END)
         return handle.tell()
 
@@ -438,7 +461,9 @@ class ReadArchiveBlocks(beam.DoFn, RestrictionProvider):
     def split(self, element: ArchiveSpec, restriction: ArchiveRestriction):
         return self._provider.split(element, restriction)
 
-    def restriction_size(self, element: ArchiveSpec, restriction: ArchiveRestriction) -> int:
+    def restriction_size(
+        self, element: ArchiveSpec, restriction: ArchiveRestriction
+    ) -> int:
         return self._provider.restriction_size(element, restriction)
 
     def restriction_coder(self) -> ArchiveRestrictionCoder:
@@ -446,8 +471,12 @@ class ReadArchiveBlocks(beam.DoFn, RestrictionProvider):
 
     def setup(self) -> None:
         config = self._config
-        self._guard = MemoryGuard.for_worker(config.max_memory_bytes, config.memory_ledger_key)
-        progress.configure(config.progress_dir, config.progress_interval_secs, config.run_id)
+        self._guard = MemoryGuard.for_worker(
+            config.max_memory_bytes, config.memory_ledger_key
+        )
+        progress.configure(
+            config.progress_dir, config.progress_interval_secs, config.run_id
+        )
         progress.start_reporter()
 
     def process(
@@ -481,12 +510,18 @@ class ReadArchiveBlocks(beam.DoFn, RestrictionProvider):
         if reservation is None:
             tracker.defer_remainder(Duration(seconds=config.memory_retry_secs))
             return
-        end = index.decompressed_size if index.decompressed_size is not None else END_OF_ARCHIVE
+        end = (
+            index.decompressed_size
+            if index.decompressed_size is not None
+            else END_OF_ARCHIVE
+        )
         stats.begin(whole=restriction.start == 0 and restriction.stop >= end)
         # Memory reaches the metrics at least once per pass, however short.
         self._guard.sample()
         try:
-            yield from _Pass(element, index, restriction, tracker, self._config, self._guard).run()
+            yield from _Pass(
+                element, index, restriction, tracker, self._config, self._guard
+            ).run()
         finally:
             # _Pass.run has dropped the decoder by now, so the memory the
             # reservation stood for is free when it is released.
@@ -506,10 +541,10 @@ class _Pass:
         self.config = config
         self.guard = guard
         self.stats = progress.archive_stats(element.name, element.size)
-        self.decode_error: Optional[str] = None
-        self.decode_error_offset: Optional[int] = None
-        self.verdict: Optional[str] = None
-        self._ahead: Optional[_ReadAhead] = None
+        self.decode_error: str | None = None
+        self.decode_error_offset: int | None = None
+        self.verdict: str | None = None
+        self._ahead: _ReadAhead | None = None
         self._window_lines = 0
         self._window_bad = 0
 
@@ -531,11 +566,15 @@ class _Pass:
             else:
                 walker = FrameWalker(compressed_start, self.index.frame_sizes())
                 self.counter = _CountingReader(handle, walker, compressed_start)
-                decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
+                decompressor = zstandard.ZstdDecompressor(
+                    max_window_size=MAX_WINDOW_SIZE
+                )
                 # Kept so that a salvage after a decode error reuses its window.
                 self.decompressor = decompressor
                 self.stream = decompressor.stream_reader(
-                    self.counter, read_size=self.config.read_chunk_bytes, read_across_frames=True
+                    self.counter,
+                    read_size=self.config.read_chunk_bytes,
+                    read_across_frames=True,
                 )
                 if self.config.read_ahead_blocks > 0:
                     self._ahead = _ReadAhead(
@@ -609,7 +648,9 @@ class _Pass:
         try:
             handle = _open_raw(self.element.path)
         except OSError as exc:
-            _LOGGER.warning("%s: could not reopen to salvage lines: %s", self.element.name, exc)
+            _LOGGER.warning(
+                "%s: could not reopen to salvage lines: %s", self.element.name, exc
+            )
             return b""
         try:
             handle.seek(start)
@@ -640,7 +681,7 @@ class _Pass:
             handle.close()
         return b"".join(parts)
 
-    def _damage(self) -> Optional[str]:
+    def _damage(self) -> str | None:
         """Why the stream ended early, or None if it ended cleanly."""
         if self.decode_error is not None:
             return self.decode_error
@@ -654,7 +695,9 @@ class _Pass:
                 return str(exc)
             if walker.offset == 0:
                 # Not a valid zstd stream, and most often a failed download.
-                return "the archive is empty: a .zst file of 0 bytes holds no zstd frame"
+                return (
+                    "the archive is empty: a .zst file of 0 bytes holds no zstd frame"
+                )
         return None
 
     def _read(self, position: int, start: int) -> Iterator:
@@ -712,11 +755,15 @@ class _Pass:
             if pending and not (yield from self._emit_or_replay(pending, line_start)):
                 return
             metrics.ARCHIVES_ABANDONED.inc()
-            yield from self._damaged(verdict, line_start + len(pending), b"", line_start)
+            yield from self._damaged(
+                verdict, line_start + len(pending), b"", line_start
+            )
             return
         damage = self._damage()
         if damage is not None:
-            yield from self._damaged(damage, line_start + len(pending), pending, line_start)
+            yield from self._damaged(
+                damage, line_start + len(pending), pending, line_start
+            )
             return
         if pending and not (yield from self._emit_or_replay(pending, line_start)):
             return
@@ -760,7 +807,7 @@ class _Pass:
         if self.tracker.try_claim(END_OF_ARCHIVE):
             yield LineBlock(self.element.archive_id, end_offset, b"")
 
-    def _judge_lines(self, block: bytes, final: bool = False) -> Optional[str]:
+    def _judge_lines(self, block: bytes, final: bool = False) -> str | None:
         """Says why to stop if too many recent lines are not JSON objects.
 
         Counted without parsing: a line of a dump starts with ``{``. The
@@ -926,7 +973,9 @@ class _Pass:
             return None
         return pending[cut + 1 :], pending_start + cut + 1
 
-    def _damaged(self, reason: str, decompressed_offset: int, pending: bytes, pending_start: int):
+    def _damaged(
+        self, reason: str, decompressed_offset: int, pending: bytes, pending_start: int
+    ):
         """Reports damage, dead-letters a cut last line and ends the pass."""
         split = yield from self._emit_whole_lines(pending, pending_start)
         if split is None:

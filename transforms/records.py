@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import re
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import apache_beam as beam
 import orjson
@@ -16,7 +16,12 @@ import orjson
 from transforms import metrics
 from transforms.files import Ledger, read_positions
 from transforms.positions import OFFSET_BITS, archive_of, global_position, offset_of
-from transforms.reader import DEAD_LETTER_PREVIEW_BYTES, DEAD_LETTER_TAG, DeadLetter, LineBlock
+from transforms.reader import (
+    DEAD_LETTER_PREVIEW_BYTES,
+    DEAD_LETTER_TAG,
+    DeadLetter,
+    LineBlock,
+)
 
 __all__ = [
     "BATCH_KEYS",
@@ -41,7 +46,14 @@ LEDGER_EOF = 1
 
 _BOM = b"\xef\xbb\xbf"
 # JSON's names for what a line that is not an object holds.
-_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+_JSON_TYPES = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
 # Keys of records whose key field is missing, empty or not a string. A name
 # is keyed in lower case, which never holds an ASCII capital, so these keys
 # stay apart from every name, "_missing" and "5" included.
@@ -57,7 +69,7 @@ class ResumeFiles:
     skip_path: str
 
 
-def parse_created_utc(value: object) -> Optional[float]:
+def parse_created_utc(value: object) -> float | None:
     """Epoch seconds from an int, a float or a numeric string; else None.
 
     NaN and infinities are None too: NaN would pass every time bound. So is
@@ -86,8 +98,8 @@ class RecordFilter:
 
     subreddits: frozenset[str] = frozenset()
     authors: frozenset[str] = frozenset()
-    since: Optional[float] = None
-    until: Optional[float] = None
+    since: float | None = None
+    until: float | None = None
     fields: tuple[str, ...] = ()
     batch_key: str = "subreddit"
     num_shards: int = 16
@@ -95,7 +107,12 @@ class RecordFilter:
 
     def selects_all(self) -> bool:
         """Whether every record matches, so that ``matches`` need not be asked."""
-        return not self.subreddits and not self.authors and self.since is None and self.until is None
+        return (
+            not self.subreddits
+            and not self.authors
+            and self.since is None
+            and self.until is None
+        )
 
     def matches(self, record: dict) -> bool:
         if self.subreddits:
@@ -222,7 +239,7 @@ class ParseRecords(beam.DoFn):
         self,
         record_filter: RecordFilter,
         archive_names: dict[int, str],
-        resume: Optional[ResumeFiles] = None,
+        resume: ResumeFiles | None = None,
     ) -> None:
         self._filter = record_filter
         self._names = archive_names
@@ -231,7 +248,9 @@ class ParseRecords(beam.DoFn):
     def setup(self) -> None:
         resume = self._resume
         self._skip = read_positions(resume.skip_path) if resume else frozenset()
-        self._ledger = Ledger(resume.output, resume.ledger_dir, LEDGER_FIELDS) if resume else None
+        self._ledger = (
+            Ledger(resume.output, resume.ledger_dir, LEDGER_FIELDS) if resume else None
+        )
 
     def finish_bundle(self) -> None:
         if self._ledger is not None:
@@ -286,7 +305,9 @@ class ParseRecords(beam.DoFn):
                         continue
                     record, line, problem = self._parse_slowly(line, exc)
                 if problem is None and type(record) is not dict:
-                    problem = f"JSON {_JSON_TYPES.get(type(record), 'value')}, not an object"
+                    problem = (
+                        f"JSON {_JSON_TYPES.get(type(record), 'value')}, not an object"
+                    )
             if problem is not None:
                 dead += 1
                 dead_at.append(line_offset)
@@ -315,7 +336,16 @@ class ParseRecords(beam.DoFn):
         if skipped:
             metrics.RECORDS_SKIPPED_ON_RESUME.inc(skipped)
         if self._ledger is not None:
-            self._ledger.add(archive_id, offset, offset + len(data), matched, dead, 0, *matched_at, *dead_at)
+            self._ledger.add(
+                archive_id,
+                offset,
+                offset + len(data),
+                matched,
+                dead,
+                0,
+                *matched_at,
+                *dead_at,
+            )
 
     def _parse_slowly(self, line: bytes, error: Exception):
         """Second chances for a line orjson refused.

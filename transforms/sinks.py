@@ -82,7 +82,9 @@ class BatchHandler(beam.DoFn):
         self._output = output
         self._state_dir = state_dir
 
-    def hand_on(self, batch_id: str, key: str, records: list[tuple[int, bytes]]) -> None:
+    def hand_on(
+        self, batch_id: str, key: str, records: list[tuple[int, bytes]]
+    ) -> None:
         raise NotImplementedError
 
     # Whether the manifest must exist before the batch can be seen: true for
@@ -121,14 +123,18 @@ class WriteBatchFiles(BatchHandler):
 
     manifest_first = True
 
-    def __init__(self, output: str, state_dir: str | None = None, compression_level: int = 3) -> None:
+    def __init__(
+        self, output: str, state_dir: str | None = None, compression_level: int = 3
+    ) -> None:
         super().__init__(output, state_dir)
         self._level = compression_level
 
     def setup(self) -> None:
         self._compressor = zstandard.ZstdCompressor(level=self._level)
 
-    def hand_on(self, batch_id: str, key: str, records: list[tuple[int, bytes]]) -> None:
+    def hand_on(
+        self, batch_id: str, key: str, records: list[tuple[int, bytes]]
+    ) -> None:
         # One copy of the lines: the empty last item gives the final newline.
         lines = [line for _, line in records]
         lines.append(b"")
@@ -176,14 +182,18 @@ class WriteDeadLetters(beam.DoFn):
     def finish_bundle(self) -> None:
         if not self._letters:
             return
-        letters = sorted(self._letters, key=lambda letter: (letter.archive, letter.offset))
+        letters = sorted(
+            self._letters, key=lambda letter: (letter.archive, letter.offset)
+        )
         first = letters[0]
         payload = b"".join(dead_letter_json(letter) + b"\n" for letter in letters)
         # The digest keeps apart bundles that start alike, such as those of
         # two archives of one name in two folders.
         digest = hashlib.sha256(payload).hexdigest()[:12]
         name = f"{safe_label(first.archive)}-{first.offset:015d}-{len(letters)}-{digest}.jsonl"
-        write_atomically(self._output, join_path(self._output, DEAD_LETTER_DIR, name), payload)
+        write_atomically(
+            self._output, join_path(self._output, DEAD_LETTER_DIR, name), payload
+        )
         self._letters = []
 
 
@@ -198,4 +208,6 @@ class WriteDamageReports(beam.DoFn):
         label = safe_label(f"{damage.archive} {damage.path}")
         name = f"{label}-{damage.decompressed_offset:015d}.json"
         payload = json.dumps(damage._asdict(), indent=1).encode("utf-8")
-        write_atomically(self._output, join_path(self._output, DAMAGE_DIR, name), payload)
+        write_atomically(
+            self._output, join_path(self._output, DAMAGE_DIR, name), payload
+        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import BinaryIO, Optional
+from typing import BinaryIO
 
 __all__ = [
     "FRAME_MAGIC",
@@ -91,11 +91,11 @@ class FrameHeader:
 
     header_size: int
     window_size: int
-    content_size: Optional[int]
+    content_size: int | None
     has_checksum: bool
 
 
-def parse_frame_header(data: bytes, offset: int = 0) -> Optional[FrameHeader]:
+def parse_frame_header(data: bytes, offset: int = 0) -> FrameHeader | None:
     """Parses the frame header at ``offset`` of ``data``.
 
     Returns None when ``data`` is too short to hold the whole header.
@@ -134,7 +134,7 @@ def parse_frame_header(data: bytes, offset: int = 0) -> Optional[FrameHeader]:
         position += 1
     position += dict_id_size
 
-    content_size: Optional[int] = None
+    content_size: int | None = None
     if fcs_size:
         raw = int.from_bytes(data[position : position + fcs_size], "little")
         content_size = raw + 256 if fcs_size == 2 else raw
@@ -160,16 +160,16 @@ class FrameWalker:
     _SKIPPABLE_SIZE = 6
 
     def __init__(
-        self, start_offset: int = 0, frame_sizes: Optional[dict[int, int]] = None
+        self, start_offset: int = 0, frame_sizes: dict[int, int] | None = None
     ) -> None:
         self.offset = start_offset
         # The index's decompressed size of each frame by its compressed
         # offset; a frame header that disagrees shows the index is wrong.
         self._frame_sizes = frame_sizes
-        self.frame_start: Optional[int] = None
+        self.frame_start: int | None = None
         self.frames_seen = 0
         self.max_window_size = 0
-        self.current_header: Optional[FrameHeader] = None
+        self.current_header: FrameHeader | None = None
         self._state = self._MAGIC
         self._needed = 4
         self._pending = b""
@@ -251,7 +251,7 @@ class FrameWalker:
             return 1
         return 4  # magic, checksum, skippable frame size
 
-    def _next(self, state: int, needed: Optional[int] = None) -> None:
+    def _next(self, state: int, needed: int | None = None) -> None:
         if state in (self._MAGIC, self._BLOCK_HEADER, self._CHECKSUM):
             self.unit_offset = self.offset
         self._state = state
@@ -379,7 +379,7 @@ class FrameIndex:
 
     compressed_offsets: tuple[int, ...]
     decompressed_offsets: tuple[int, ...]
-    decompressed_size: Optional[int]
+    decompressed_size: int | None
     compressed_size: int
     window_size: int
     source: str
@@ -397,7 +397,7 @@ class FrameIndex:
     def splittable(self) -> bool:
         return self.decompressed_size is not None and len(self.compressed_offsets) > 1
 
-    def frame_sizes(self) -> Optional[dict[int, int]]:
+    def frame_sizes(self) -> dict[int, int] | None:
         """Decompressed size of each listed frame by its compressed offset.
 
         None when the sizes are not all known.
@@ -417,7 +417,9 @@ class FrameIndex:
         """Index of the last frame that starts at or before the offset."""
         import bisect
 
-        return max(0, bisect.bisect_right(self.decompressed_offsets, decompressed_offset) - 1)
+        return max(
+            0, bisect.bisect_right(self.decompressed_offsets, decompressed_offset) - 1
+        )
 
 
 def encode_seek_table(frames: list[tuple[int, int]]) -> bytes:
@@ -428,7 +430,7 @@ def encode_seek_table(frames: list[tuple[int, int]]) -> bytes:
     return struct.pack("<II", SEEK_TABLE_SKIPPABLE_MAGIC, len(body)) + body
 
 
-def read_seek_table(handle: BinaryIO, file_size: int) -> Optional[list[tuple[int, int]]]:
+def read_seek_table(handle: BinaryIO, file_size: int) -> list[tuple[int, int]] | None:
     """Reads the (compressed, decompressed) sizes of a seekable archive.
 
     Returns None when the file does not end in a seek table, or in one
@@ -453,8 +455,7 @@ def read_seek_table(handle: BinaryIO, file_size: int) -> Optional[list[tuple[int
     if skippable_magic != SEEK_TABLE_SKIPPABLE_MAGIC or body_size != table_size:
         return None
     entries = [
-        struct.unpack_from("<II", raw, 8 + i * entry_size)
-        for i in range(frame_count)
+        struct.unpack_from("<II", raw, 8 + i * entry_size) for i in range(frame_count)
     ]
     if sum(compressed for compressed, _ in entries) != table_start:
         return None
@@ -491,7 +492,12 @@ def build_frame_index(handle: BinaryIO, file_size: int) -> FrameIndex:
             c_offset += c_size
             d_offset += d_size
         return FrameIndex(
-            tuple(compressed), tuple(decompressed), d_offset, file_size, window_size, "seek table"
+            tuple(compressed),
+            tuple(decompressed),
+            d_offset,
+            file_size,
+            window_size,
+            "seek table",
         )
 
     if first is None or first.content_size is None:
@@ -541,7 +547,7 @@ def build_frame_index(handle: BinaryIO, file_size: int) -> FrameIndex:
     )
 
 
-def _walk_blocks(handle: BinaryIO, offset: int, file_size: int) -> Optional[int]:
+def _walk_blocks(handle: BinaryIO, offset: int, file_size: int) -> int | None:
     """Offset just past a frame's last block, or None if the file ends first."""
     while True:
         handle.seek(offset)

@@ -369,9 +369,19 @@ def run_plan(bench: Bench, plan: Plan, runners: list[str]) -> dict:
     best = None
     if "direct" in runners:
         best = bench.job(
-            "full", [a], False, [*ONE_WORKER, *FAST_LEFTOVERS], "job, 1 worker, leftovers by GroupByKey"
+            "full",
+            [a],
+            False,
+            [*ONE_WORKER, *FAST_LEFTOVERS],
+            "job, 1 worker, leftovers by GroupByKey",
         )
-        bench.job("full", [a], False, ONE_WORKER, "job, 1 worker, leftovers by GroupIntoBatches")
+        bench.job(
+            "full",
+            [a],
+            False,
+            ONE_WORKER,
+            "job, 1 worker, leftovers by GroupIntoBatches",
+        )
         _check_same(reference, best)
     if "prism" in runners and prism_args:
         prism_row = bench.job("full", [a], False, prism_args, "job, Prism")
