@@ -37,7 +37,6 @@ _LOGGER = logging.getLogger(__name__)
 
 BATCH_KEYS = ("subreddit", "author", "none")
 
-_OFFSET_BITS = OFFSET_BITS
 
 # A ledger row: archive, start, end, matches, dead letters, flags, then the
 # offsets of the matches and of the dead letters.
@@ -274,7 +273,7 @@ class ParseRecords(beam.DoFn):
         key_of = record_filter.key_of
         loads = orjson.loads
         skip = self._skip
-        base = archive_id << _OFFSET_BITS
+        base = archive_id << OFFSET_BITS
         read = matched = dead = skipped = 0
         matched_at: list[int] = []
         dead_at: list[int] = []
