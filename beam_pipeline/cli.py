@@ -20,7 +20,7 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 import apache_beam as beam  # noqa: E402
 from apache_beam.io.filesystems import FileSystems  # noqa: E402
 from apache_beam.metrics.metric import MetricsFilter  # noqa: E402
-from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions  # noqa: E402
 
 from beam_pipeline import inputs  # noqa: E402
 from beam_pipeline.display import ProgressDisplay  # noqa: E402
@@ -55,6 +55,7 @@ _SUMMARY_COUNTERS = (
     "batches_written",
     "dead_letters",
     "blank_lines",
+    "records_passed_over",
     "invalid_utf8_records",
     "oversized_records",
     "compressed_bytes_read",
@@ -163,11 +164,19 @@ def prepare(options: PipelineOptions) -> JobPlan:
             config, progress_dir=os.path.join(job.output, PROGRESS_DIR)
         )
     config = dataclasses.replace(config, run_id=uuid.uuid4().hex)
+    spread_leftovers = True
     if runner_name(options) == "DirectRunner":
         # The FnApiRunner drops the work a DoFn defers when it runs more than
         # one worker (its parallel bundles merge away the residuals), so a
         # reader there waits for memory in place instead of deferring.
         config = dataclasses.replace(config, memory_wait_secs=float("inf"))
+        # One worker runs every stage anyway: GroupIntoBatches may share the
+        # reading stage, unless splits are forced on that stage, where the
+        # FnApiRunner then waits forever on the split bundle's timers.
+        direct = options.view_as(DirectOptions)
+        spread_leftovers = direct.direct_num_workers != 1 or bool(
+            direct.direct_test_splits
+        )
 
     fan_out = job.fan_out == "on" or (
         job.fan_out == "auto"
@@ -183,6 +192,7 @@ def prepare(options: PipelineOptions) -> JobPlan:
         fan_out=fan_out,
         batch_handler=job.batch_handler,
         leftover_grouping=job.leftover_grouping,
+        spread_leftovers=spread_leftovers,
     )
 
 

@@ -67,13 +67,13 @@ class PushshiftOptions(PipelineOptions):
             "--subreddit",
             action="append",
             default=None,
-            help="Keep records of this subreddit (case-insensitive); repeat for more.",
+            help="Keep records of this subreddit (case-insensitive); comma-separated or repeated for more.",
         )
         group.add_argument(
             "--author",
             action="append",
             default=None,
-            help="Keep records by this author (case-insensitive); repeat for more.",
+            help="Keep records by this author (case-insensitive); comma-separated or repeated for more.",
         )
         group.add_argument(
             "--since",
@@ -84,6 +84,14 @@ class PushshiftOptions(PipelineOptions):
             "--until",
             default=None,
             help="Keep records created before this time: an ISO date or time (UTC) or epoch seconds.",
+        )
+        group.add_argument(
+            "--parse_all_lines",
+            action="store_true",
+            default=False,
+            help="Parse every line. By default, with --subreddit or --author, a line"
+            " that does not hold a wanted name as a JSON string is counted as read"
+            " without being parsed, so damage in it is not reported.",
         )
         group.add_argument(
             "--fields",
@@ -216,8 +224,17 @@ def parse_time(text: str | None, flag: str) -> float | None:
     return parsed.timestamp()
 
 
-def _names(values: list[str] | None) -> frozenset[str]:
-    return frozenset(name.strip().lower() for name in values or [] if name.strip())
+def _names(values: list[str] | None, flag: str) -> frozenset[str]:
+    """Lower-cased names, comma-separated or repeated; raises OptionError on an empty one."""
+    names = set()
+    for value in values or []:
+        for name in value.split(","):
+            if not name.strip():
+                raise OptionError(
+                    f"{flag} {value!r} holds an empty name; an empty filter would keep every record"
+                )
+            names.add(name.strip().lower())
+    return frozenset(names)
 
 
 def record_filter(options: PushshiftOptions) -> RecordFilter:
@@ -241,14 +258,15 @@ def record_filter(options: PushshiftOptions) -> RecordFilter:
         if name.strip()
     )
     return RecordFilter(
-        subreddits=_names(options.subreddit),
-        authors=_names(options.author),
+        subreddits=_names(options.subreddit, "--subreddit"),
+        authors=_names(options.author, "--author"),
         since=since,
         until=until,
         fields=fields,
         batch_key=options.batch_key,
         num_shards=options.num_shards,
         max_record_bytes=options.max_record_bytes,
+        parse_all_lines=options.parse_all_lines,
     )
 
 

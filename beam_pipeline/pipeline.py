@@ -13,9 +13,8 @@ import dataclasses
 import importlib
 
 import apache_beam as beam
-from apache_beam import typehints
 
-from transforms.batching import BatchRecords
+from transforms.batching import BatchRecords, BlockRecords
 from transforms.reader import (
     DAMAGE_TAG,
     DEAD_LETTER_TAG,
@@ -33,8 +32,6 @@ from transforms.sinks import (
 
 __all__ = ["JobPlan", "build_pipeline", "handler_class", "load_batch_handler"]
 
-RecordKV = typehints.Tuple[str, typehints.Tuple[int, bytes]]
-
 
 @dataclasses.dataclass(frozen=True)
 class JobPlan:
@@ -49,6 +46,9 @@ class JobPlan:
     fan_out: bool
     batch_handler: str | None = None
     leftover_grouping: str = "group_into_batches"
+    # Whether leftovers are shuffled before GroupIntoBatches, so that a
+    # runner need not run it in the reading stage (see BatchRecords).
+    spread_leftovers: bool = True
     state_dir: str | None = None
     resume: ResumeFiles | None = None
 
@@ -102,13 +102,14 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
 
     parsed = blocks | "ParseRecords" >> beam.ParDo(
         ParseRecords(plan.record_filter, names, plan.resume)
-    ).with_output_types(RecordKV).with_outputs(DEAD_LETTER_TAG, main="records")
+    ).with_output_types(BlockRecords).with_outputs(DEAD_LETTER_TAG, main="records")
     records = parsed.records
 
     batches = records | "Batch" >> BatchRecords(
         plan.batch_size,
         max_buffering_secs=plan.batch_max_buffering_secs,
         leftover_grouping=plan.leftover_grouping,
+        spread_leftovers=plan.spread_leftovers,
     )
     full_batches, grouped_batches = batches
     handler = load_batch_handler(plan.batch_handler, plan.output, plan.state_dir)

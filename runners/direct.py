@@ -15,13 +15,14 @@ Launch: nothing to start; ``--direct_num_workers=N`` with
 each stage's bundles over N workers.
 
 The FnApiRunner runs one stage at a time and keeps what flows between
-stages in memory. Here that is the records left over per key when a
-reading bundle ends, on their way to ``GroupIntoBatches``: full batches are
-handed on while reading goes on, so a selective job holds little, but a job
-that keeps every record of a large archive with many small keys holds a
-good share of them (a quarter of a 2.5 GB full job, docs/performance.md).
-For such jobs over archives larger than memory, use a runner that streams
-between stages.
+stages, and its state, in memory. Here that is the records left over per
+key when a reading bundle ends, on their way through ``GroupIntoBatches``
+(in the reading stage's state with one worker, between stages with more):
+full batches are handed on while reading goes on, so a selective job holds
+little, but a job that keeps every record of a large archive with many
+small keys holds a good share of them (a quarter of a 2.5 GB full job,
+docs/performance.md). For such jobs over archives larger than memory, use
+a runner that streams between stages.
 
 Splitting here: the reader's initial splits (done in the SDK, on every
 runner) and its self-checkpoints are honoured, the checkpoint's resume delay

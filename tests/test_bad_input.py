@@ -615,6 +615,14 @@ def error_of(capsys, arguments: list[str]) -> str:
             ["--input=<IN>", "--desired_split_bytes=-1"],
             "error: --desired_split_bytes must not be negative, not -1",
         ),
+        (
+            ["--input=<IN>", "--subreddit="],
+            "error: --subreddit '' holds an empty name; an empty filter would keep every record",
+        ),
+        (
+            ["--input=<IN>", "--author=bob,"],
+            "error: --author 'bob,' holds an empty name; an empty filter would keep every record",
+        ),
     ],
 )
 def test_bad_arguments_stop_the_job_with_one_line(

@@ -20,7 +20,7 @@ from tests.helpers import (
     written_records,
 )
 from transforms.records import parse_created_utc
-from transforms.sinks import BatchHandler
+from transforms.sinks import BatchHandler, WriteBatchFiles, batch_file_name
 
 RC_FILES = ["RC_2005-12.zst", "RC_2006-01.zst"]
 
@@ -158,6 +158,31 @@ def test_filters_combine_subreddit_author_and_time(real_data, tmp_path):
     )
     assert sorted(written_records(output)) == sorted(expected)
     assert expected
+
+
+def test_names_may_be_given_comma_separated(real_data, tmp_path):
+    path = real_sample("RC_2006-01.zst")
+    records = [parse(line) for _, line in archive_lines(path)]
+    authors = sorted({r["author"] for r in records if r["author"].startswith("user_")})[
+        :3
+    ]
+
+    run(
+        [
+            f"--input={path}",
+            f"--output={tmp_path / 'one'}",
+            f"--author={','.join(authors)}",
+        ]
+    )
+    run(
+        [f"--input={path}", f"--output={tmp_path / 'many'}"]
+        + [f"--author={author}" for author in authors]
+    )
+
+    expected = expected_records([path], lambda r: r.get("author") in set(authors))
+    assert sorted(written_records(str(tmp_path / "one"))) == sorted(expected)
+    assert sorted(written_records(str(tmp_path / "many"))) == sorted(expected)
+    assert len(expected) >= 3
 
 
 def test_fields_keeps_only_the_named_fields(real_data, tmp_path):
@@ -397,6 +422,37 @@ def test_a_custom_batch_handler_receives_every_batch(real_data, tmp_path):
     assert sorted(handed) == sorted(line for _, line in archive_lines(path))
     assert result["records_written"] == 1075
     assert not os.path.exists(os.path.join(output, "batches"))
+
+
+def test_a_batch_the_writer_thread_cannot_write_fails_its_bundle(tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    # Temporary files go under _tmp, here a file where a folder must be.
+    (output / "_tmp").write_bytes(b"")
+    handler = WriteBatchFiles(str(output))
+    handler.setup()
+
+    assert list(handler.process(("k", [(7, b"{}")]))) == [batch_file_name("k", 7)]
+    with pytest.raises(OSError, match="_tmp"):
+        handler.finish_bundle()
+    handler.teardown()
+    assert not (output / "batches").exists()
+
+
+def test_batches_are_written_before_the_bundle_ends(tmp_path):
+    output = tmp_path / "out"
+    handler = WriteBatchFiles(str(output))
+    handler.max_pending_bytes = 1
+    handler.setup()
+
+    for position in range(5):
+        list(handler.process(("k", [(position * 10, b'{"n":%d}' % position)])))
+    handler.finish_bundle()
+    handler.teardown()
+
+    assert sorted(read_batches(str(output)).values()) == [
+        [b'{"n":%d}' % position] for position in range(5)
+    ]
 
 
 def test_both_leftover_groupings_write_the_same_batches(real_data, tmp_path):

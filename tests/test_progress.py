@@ -201,6 +201,8 @@ def test_a_local_run_logs_live_progress_without_control_characters(
             *(f"--input={path}" for path in paths),
             f"--output={output}",
             "--subreddit=AskMen",
+            # Parsing every line keeps the run long enough for an ETA.
+            "--parse_all_lines",
             "--progress_interval_secs=0.5",
         ],
         cwd=PROJECT_ROOT,

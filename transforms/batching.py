@@ -1,9 +1,8 @@
 """Batching: full batches formed where records are read, the rest grouped by Beam.
 
 Beam's ``GroupIntoBatches`` keeps per-key state and costs tens of
-microseconds a record, several times reading and parsing it; on the
-FnApiRunner it also runs as a stage of its own, which receives nothing until
-reading has ended. So records reach it in two ways:
+microseconds a record, several times reading and parsing it. So records
+reach it in two ways:
 
 * ``CollectBatches`` keeps, within a bundle, a buffer per key. A buffer that
   reaches the batch size leaves at once as a finished batch, handed on in the
@@ -13,10 +12,9 @@ reading has ended. So records reach it in two ways:
   ``GroupIntoBatches`` record by record, which groups it across bundles.
   With ``--leftover_grouping=group_by_key`` and no buffering limit, the
   leftovers go instead as one list per key and bundle to a ``GroupByKey``,
-  after which ``CutBatches`` cuts each key's records into batches: a few
-  thousand lists cost less than the hundreds of thousands of records they
-  hold would cost ``GroupIntoBatches`` (a full job runs about a third
-  faster, docs/performance.md).
+  after which ``CutBatches`` cuts each key's records into batches, at a
+  cost per list rather than per record (docs/performance.md compares the
+  two on a full job).
 
 Every batch therefore holds exactly the batch size, except the last one
 ``GroupIntoBatches`` flushes for each key and those flushed early by the
@@ -31,9 +29,10 @@ from collections.abc import Iterable, Iterator
 import apache_beam as beam
 from apache_beam import typehints
 
-__all__ = ["BatchRecords", "CollectBatches", "CutBatches"]
+__all__ = ["BatchRecords", "BlockRecords", "CollectBatches", "CutBatches"]
 
 RecordKV = typehints.Tuple[str, typehints.Tuple[int, bytes]]
+BlockRecords = typehints.List[RecordKV]
 BatchKV = typehints.Tuple[str, typehints.Iterable[typehints.Tuple[int, bytes]]]
 
 LEFTOVER_TAG = "leftover"
@@ -72,29 +71,40 @@ class CollectBatches(beam.DoFn):
         # buffers that grow slowest first.
         self._last: dict[str, int] = {}
         self._count = 0
+        self._next_spill_check = 4096
 
-    def process(self, element: tuple[str, tuple[int, bytes]]) -> Iterator:
-        key, record = element
-        buffer = self._buffers.get(key)
-        if buffer is None:
-            buffer = self._buffers[key] = []
-            self._sizes[key] = 0
-            if self._max_wait is not None:
-                self._since[key] = time.monotonic()
-        buffer.append(record)
-        self._count += 1
-        self._last[key] = self._count
-        size = len(record[1]) + 64
-        self._sizes[key] += size
-        self._bytes += size
+    def process(self, records: list[tuple[str, tuple[int, bytes]]]) -> Iterator:
+        """Adds one block's (key, record) pairs to the buffers."""
+        buffers = self._buffers
+        sizes = self._sizes
+        last = self._last
+        batch_size = self._batch_size
+        count = self._count
+        added = 0
+        for key, record in records:
+            buffer = buffers.get(key)
+            if buffer is None:
+                buffer = buffers[key] = []
+                sizes[key] = 0
+                if self._max_wait is not None:
+                    self._since[key] = time.monotonic()
+            buffer.append(record)
+            count += 1
+            last[key] = count
+            size = len(record[1]) + 64
+            sizes[key] += size
+            added += size
+            if len(buffer) >= batch_size:
+                self._bytes += added
+                added = 0
+                self._drop(key)
+                yield key, buffer
+        self._count = count
+        self._bytes += added
 
-        if len(buffer) >= self._batch_size:
-            self._drop(key)
-            yield key, buffer
-            return
-
-        self._seen += 1
-        if self._seen % 4096 == 0:
+        self._seen += len(records)
+        if self._seen >= self._next_spill_check:
+            self._next_spill_check = self._seen + 4096
             yield from self._spill()
 
     def _drop(self, key: str) -> list[tuple[int, bytes]]:
@@ -163,6 +173,9 @@ class CutBatches(beam.DoFn):
 class BatchRecords(beam.PTransform):
     """Groups (key, (position, line)) records into batches of ``batch_size``.
 
+    Takes lists of such records, one list per block read, as
+    ``ParseRecords`` emits them.
+
     Returns two PCollections of (key, records) batches: those formed where
     the records were read, and those ``GroupIntoBatches`` formed. Apply the
     batch handler to each, so the first are handed on while reading goes on.
@@ -174,6 +187,7 @@ class BatchRecords(beam.PTransform):
         max_buffering_secs: float | None = None,
         max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         leftover_grouping: str = "group_into_batches",
+        spread_leftovers: bool = True,
     ) -> None:
         super().__init__()
         if leftover_grouping not in LEFTOVER_GROUPINGS:
@@ -183,6 +197,7 @@ class BatchRecords(beam.PTransform):
         self._batch_size = batch_size
         self._max_wait = max_buffering_secs
         self._max_bytes = max_buffer_bytes
+        self._spread = spread_leftovers
         # Lists need no early flushes, so a buffering limit keeps the
         # record-by-record path through GroupIntoBatches.
         self._as_lists = (
@@ -213,12 +228,15 @@ class BatchRecords(beam.PTransform):
         leftovers = collected[LEFTOVER_TAG] | "TypeLeftovers" >> beam.Map(
             lambda record: record
         ).with_output_types(RecordKV)
-        # A shuffle before the stateful step keeps it out of the reader's
-        # fused stage: the FnApiRunner runs a stage that holds state on one
-        # worker only, however many --direct_num_workers there are.
-        leftovers = leftovers | "SpreadLeftovers" >> beam.Reshuffle().with_output_types(
-            RecordKV
-        )
+        if self._spread:
+            # A shuffle before the stateful step keeps it out of the reader's
+            # fused stage: the FnApiRunner runs a stage that holds state on
+            # one worker only, however many --direct_num_workers there are.
+            # With one worker, fusing saves the shuffle's cost per record.
+            leftovers = (
+                leftovers
+                | "SpreadLeftovers" >> beam.Reshuffle().with_output_types(RecordKV)
+            )
         grouped = leftovers | "GroupIntoBatches" >> beam.GroupIntoBatches(
             self._batch_size, max_buffering_duration_secs=self._max_wait
         )

@@ -25,6 +25,8 @@ RECORDS_MATCHED = Metrics.counter(NAMESPACE, "records_matched")
 RECORDS_WRITTEN = Metrics.counter(NAMESPACE, "records_written")
 RECORDS_SKIPPED_ON_RESUME = Metrics.counter(NAMESPACE, "records_skipped_on_resume")
 BLANK_LINES = Metrics.counter(NAMESPACE, "blank_lines")
+# Lines a name filter showed cannot match, counted as read but not parsed.
+RECORDS_PASSED_OVER = Metrics.counter(NAMESPACE, "records_passed_over")
 INVALID_UTF8_RECORDS = Metrics.counter(NAMESPACE, "invalid_utf8_records")
 DEAD_LETTERS = Metrics.counter(NAMESPACE, "dead_letters")
 OVERSIZED_RECORDS = Metrics.counter(NAMESPACE, "oversized_records")

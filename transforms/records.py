@@ -7,8 +7,10 @@ import hashlib
 import json
 import logging
 import math
+import operator
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import accumulate, repeat
 
 import apache_beam as beam
 import orjson
@@ -25,6 +27,7 @@ from transforms.reader import (
 
 __all__ = [
     "BATCH_KEYS",
+    "NamePrefilter",
     "ParseRecords",
     "RecordFilter",
     "archive_of",
@@ -103,6 +106,8 @@ class RecordFilter:
     batch_key: str = "subreddit"
     num_shards: int = 16
     max_record_bytes: int = 64 * 2**20
+    # Parse every line, even those a name filter shows cannot match.
+    parse_all_lines: bool = False
 
     def selects_all(self) -> bool:
         """Whether every record matches, so that ``matches`` need not be asked."""
@@ -141,6 +146,118 @@ class RecordFilter:
         if value is None:
             return _MISSING_KEY
         return _typed_key(value)
+
+
+# Names the prefilter can look for exactly: JSON writes each of these
+# characters either as itself (in either case, for a letter) or as a \u00XX
+# escape, and no other character lower-cases to one of them but the Kelvin
+# sign (to "k").
+_PLAIN_NAME = re.compile(r"[a-z0-9_-]+")
+# Escapes that can stand for a character of a plain name; a block holding
+# one is parsed whole. The Kelvin sign, as UTF-8, is searched for in place
+# of "k".
+_NAME_ESCAPE = re.compile(rb"\\u(?:00(?:2[dD]|3[0-9]|[4-7][0-9a-fA-F])|212[aA])")
+_KELVIN_SIGN = "\u212a".encode()
+# The search tries every first letter of the names at each quote of the
+# block: with more than this many it costs about what parsing every line
+# does (measured on 1 MiB blocks of comments), and lines are parsed instead.
+PREFILTER_MAX_FIRST_LETTERS = 6
+
+
+class NamePrefilter:
+    """Finds the lines of a block that can hold one of some names as a JSON string.
+
+    A record whose subreddit (or author) lower-cases to a wanted name holds
+    a quote and that name in its raw bytes, unless the name is spelt with
+    escapes or the Kelvin sign; lines holding neither the quoted name (in
+    any case) nor such a spelling cannot match and need not be parsed. The
+    closing quote is not asked for, so that a record cut short just after
+    the name is parsed and reported. The search runs over the whole block
+    in C, where parsing costs a call per line; on a selective job most
+    lines are never parsed.
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        names = sorted(names)
+        if not self.can_search(names):
+            raise ValueError(f"names the prefilter cannot look for exactly: {names}")
+        self._quoted = re.compile(b'"' + _trie_pattern(names), re.IGNORECASE)
+
+    @staticmethod
+    def can_search(names: Iterable[str]) -> bool:
+        """Whether the names are plain, and few enough first letters to pay."""
+        names = list(names)
+        return (
+            bool(names)
+            and all(_PLAIN_NAME.fullmatch(name) for name in names)
+            and len({name[0] for name in names}) <= PREFILTER_MAX_FIRST_LETTERS
+        )
+
+    @classmethod
+    def for_filter(cls, record_filter: RecordFilter) -> list[NamePrefilter]:
+        """One prefilter per name filter it can narrow; empty when none can."""
+        if record_filter.parse_all_lines:
+            return []
+        return [
+            cls(names)
+            for names in (record_filter.subreddits, record_filter.authors)
+            if cls.can_search(names)
+        ]
+
+    def spans(self, data: bytes) -> list[tuple[int, int]] | None:
+        """(start, end) of each line of ``data`` that may match, in order.
+
+        None when every line may: the block spells some character of a name
+        in a way the search does not follow.
+        """
+        if _NAME_ESCAPE.search(data) is not None:
+            return None
+        spans = []
+        search = self._quoted.search
+        find = data.find
+        rfind = data.rfind
+        position = 0
+        while (hit := search(data, position)) is not None:
+            at = hit.start()
+            start = rfind(b"\n", 0, at) + 1
+            end = find(b"\n", at)
+            if end < 0:
+                end = len(data)
+            spans.append((start, end))
+            position = end + 1
+        return spans
+
+
+def _trie_pattern(names: list[str]) -> bytes:
+    """A regular expression for any of the names, branching letter by letter.
+
+    A branch per name would make the search try each at every quote; a
+    branch per distinct next letter tries each letter once. A name that
+    another name begins with stands for both, since the search needs no
+    end of name.
+    """
+    kept: list[str] = []
+    for name in sorted(names):
+        if not kept or not name.startswith(kept[-1]):
+            kept.append(name)
+
+    def letter(char: str) -> bytes:
+        escaped = re.escape(char.encode("ascii"))
+        return b"(?:k|" + re.escape(_KELVIN_SIGN) + b")" if char == "k" else escaped
+
+    def branch(group: list[str], depth: int) -> bytes:
+        by_letter: dict[str, list[str]] = {}
+        for name in group:
+            if len(name) > depth:
+                by_letter.setdefault(name[depth], []).append(name)
+        if not by_letter:
+            return b""
+        parts = [
+            letter(char) + branch(rest, depth + 1) for char, rest in by_letter.items()
+        ]
+        return parts[0] if len(parts) == 1 else b"(?:" + b"|".join(parts) + b")"
+
+    return branch(kept, 0)
 
 
 def _typed_key(value: object) -> str:
@@ -229,9 +346,11 @@ def _project(record: dict, line: bytes, fields: tuple[str, ...]) -> bytes:
 class ParseRecords(beam.DoFn):
     """Parses each line of a block, filters it and keys the matches.
 
-    Emits (key, (global position, line)) for each match, the line byte for
-    byte as read unless fields are selected. Lines that are not JSON
-    objects go to the ``dead_letter`` output with their offset and reason.
+    Emits, for each block that has matches, one list of (key, (global
+    position, line)), the line byte for byte as read unless fields are
+    selected: a list a block costs the runner one element where a record
+    each would cost it one a record. Lines that are not JSON objects go to
+    the ``dead_letter`` output with their offset and reason.
     """
 
     def __init__(
@@ -245,6 +364,7 @@ class ParseRecords(beam.DoFn):
         self._resume = resume
 
     def setup(self) -> None:
+        self._prefilters = NamePrefilter.for_filter(self._filter)
         resume = self._resume
         self._skip = read_positions(resume.skip_path) if resume else frozenset()
         self._ledger = (
@@ -277,6 +397,8 @@ class ParseRecords(beam.DoFn):
         read = matched = dead = skipped = 0
         matched_at: list[int] = []
         dead_at: list[int] = []
+        keyed: list[tuple[str, tuple[int, bytes]]] = []
+        keep = keyed.append
 
         lines = data.split(b"\n")
         if data.endswith(b"\n"):
@@ -284,10 +406,24 @@ class ParseRecords(beam.DoFn):
         # Checks that no line of the block can need are left out of the loop,
         # which runs once a record: a carriage return, a line over the limit.
         rare = b"\r" in data or len(data) > max_record
-        position = offset
-        for line in lines:
-            line_offset = position
-            position += len(line) + 1
+        spans = None if rare else self._candidate_spans(data)
+        if spans is None:
+            starts = accumulate(
+                map(operator.add, map(len, lines), repeat(1)), initial=offset
+            )
+            # One start more than lines: the last is where the block ends.
+            numbered = zip(starts, lines, strict=False)
+        else:
+            # Lines that cannot match are counted as read, and left unparsed.
+            blank = lines.count(b"")
+            passed_over = len(lines) - blank - len(spans)
+            read += passed_over
+            if blank:
+                metrics.BLANK_LINES.inc(blank)
+            if passed_over:
+                metrics.RECORDS_PASSED_OVER.inc(passed_over)
+            numbered = ((offset + start, data[start:end]) for start, end in spans)
+        for line_offset, line in numbered:
             problem = None
             if rare:
                 if line.endswith(b"\r"):
@@ -325,8 +461,10 @@ class ParseRecords(beam.DoFn):
                 continue
             if fields:
                 line = _project(record, line, fields)
-            yield key_of(record, global_pos), (global_pos, line)
+            keep((key_of(record, global_pos), (global_pos, line)))
 
+        if keyed:
+            yield keyed
         metrics.RECORDS_READ.inc(read)
         metrics.RECORDS_MATCHED.inc(matched)
         archive = self._names.get(archive_id, str(archive_id))
@@ -345,6 +483,18 @@ class ParseRecords(beam.DoFn):
                 *matched_at,
                 *dead_at,
             )
+
+    def _candidate_spans(self, data: bytes) -> list[tuple[int, int]] | None:
+        """The lines of a block the name filters leave to parse; None for all."""
+        if not self._prefilters:
+            return None
+        chosen = None
+        for prefilter in self._prefilters:
+            spans = prefilter.spans(data)
+            if spans is None:
+                continue
+            chosen = spans if chosen is None else sorted(set(chosen) & set(spans))
+        return chosen
 
     def _parse_slowly(self, line: bytes, error: Exception):
         """Second chances for a line orjson refused.

@@ -9,6 +9,8 @@ writes the same batch again replaces it instead of adding a copy.
 from __future__ import annotations
 
 import base64
+import collections
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -119,9 +121,17 @@ class WriteBatchFiles(BatchHandler):
     The batch's manifest is written before the batch file is renamed into
     ``batches/``, so every batch file there has one; a manifest without its
     batch file belongs to a batch that was never finished.
+
+    Batches are compressed and written in a thread of their own, which
+    python-zstandard lets run beside the parsing thread, a few batches
+    behind it; the bundle ends only when all of its batches are written,
+    and a failed write fails the bundle.
     """
 
     manifest_first = True
+    # Uncompressed bytes of batches waiting for the writer thread, beyond
+    # which handing on waits; one batch is always let through.
+    max_pending_bytes = 64 * 2**20
 
     def __init__(
         self, output: str, state_dir: str | None = None, compression_level: int = 3
@@ -130,7 +140,13 @@ class WriteBatchFiles(BatchHandler):
         self._level = compression_level
 
     def setup(self) -> None:
+        # Used by the writer thread only: a compressor is not shared.
         self._compressor = zstandard.ZstdCompressor(level=self._level)
+        self._writer = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="batch-writer"
+        )
+        self._pending: collections.deque = collections.deque()
+        self._pending_bytes = 0
 
     def hand_on(
         self, batch_id: str, key: str, records: list[tuple[int, bytes]]
@@ -140,9 +156,35 @@ class WriteBatchFiles(BatchHandler):
         lines.append(b"")
         payload = b"\n".join(lines)
         path = join_path(self._output, BATCHES_DIR, batch_id)
-        write_atomically(self._output, path, self._compressor.compress(payload))
+        while self._pending and (
+            self._pending_bytes + len(payload) > self.max_pending_bytes
+            or self._pending[0][0].done()
+        ):
+            self._wait_oldest()
+        future = self._writer.submit(self._write, path, payload)
+        self._pending.append((future, len(payload)))
+        self._pending_bytes += len(payload)
         for _, line in records:
             metrics.RECORD_BYTES.update(len(line))
+
+    def _write(self, path: str, payload: bytes) -> None:
+        write_atomically(self._output, path, self._compressor.compress(payload))
+
+    def _wait_oldest(self) -> None:
+        """Waits for the oldest pending batch; raises what its write raised."""
+        future, size = self._pending.popleft()
+        self._pending_bytes -= size
+        future.result()
+
+    def finish_bundle(self) -> None:
+        while self._pending:
+            self._wait_oldest()
+
+    def teardown(self) -> None:
+        # Writes of a bundle that failed finish, or fail, unwatched.
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.shutdown(wait=True)
 
 
 def dead_letter_json(letter: DeadLetter) -> bytes:
