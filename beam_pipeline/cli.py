@@ -10,6 +10,7 @@ import os
 import resource
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Sequence
 
@@ -524,6 +525,23 @@ def _configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def failure_cause(error: BaseException) -> str:
+    """The line of a failed job's error that names its cause.
+
+    A runner wraps a worker's exception in its own, with the worker's trace
+    inside the message; the cause is that trace's last line, such as
+    ``FileExistsError: [Errno 17] File exists: 'OUT/_tmp' [while running
+    'HandOnFullBatches']``.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    cause = lines[-1]
+    if cause == lines[0] and not cause.startswith(type(error).__name__):
+        cause = f"{type(error).__name__}: {cause}"
+    return cause
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the job from command-line arguments; returns the exit status."""
     arguments = list(sys.argv[1:] if argv is None else argv)
@@ -549,5 +567,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OptionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # The whole trace first, for whoever debugs it; then one line that
+        # says what broke and what is left on disk.
+        traceback.print_exc(file=sys.stderr)
+        print(
+            f"error: the job failed: {failure_cause(exc)}; the batches it wrote are kept,"
+            " and the same command resumes the job once the cause is fixed",
+            file=sys.stderr,
+        )
+        return 1
     print_summary(summary)
     return 1 if summary["status"].startswith("failed") else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -395,6 +396,35 @@ class JsonListHandler(BatchHandler):
                 {"key": key, "records": [line.decode("utf-8") for _, line in records]},
                 handle,
             )
+
+
+class RefusingHandler(BatchHandler):
+    """A handler whose destination is down."""
+
+    def hand_on(self, batch_id, key, records):
+        raise ConnectionError(f"the destination refused batch {batch_id}")
+
+
+def test_a_failing_step_ends_the_job_with_one_line_naming_the_cause(
+    real_data, tmp_path
+):
+    process = run_cli(
+        [
+            f"--input={real_sample('RC_2005-12.zst')}",
+            f"--output={tmp_path / 'out'}",
+            "--batch_handler=tests.test_main_job:RefusingHandler",
+        ]
+    )
+
+    assert process.returncode == 1
+    last = process.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"error: the job failed: ConnectionError: the destination refused batch"
+        r" \S+\.jsonl\.zst \[while running '[^']+'\]; the batches it wrote are"
+        r" kept, and the same command resumes the job once the cause is fixed",
+        last,
+    ), last
+    assert not (tmp_path / "out" / "_summary.json").exists()
 
 
 def test_a_custom_batch_handler_receives_every_batch(real_data, tmp_path):
