@@ -525,7 +525,7 @@ def _configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def failure_cause(error: BaseException) -> str:
+def _failure_cause(error: BaseException) -> str:
     """The line of a failed job's error that names its cause.
 
     A runner wraps a worker's exception in its own, with the worker's trace
@@ -572,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # says what broke and what is left on disk.
         traceback.print_exc(file=sys.stderr)
         print(
-            f"error: the job failed: {failure_cause(exc)}; the batches it wrote are kept,"
+            f"error: the job failed: {_failure_cause(exc)}; the batches it wrote are kept,"
             " and the same command resumes the job once the cause is fixed",
             file=sys.stderr,
         )
