@@ -127,7 +127,8 @@ class PushshiftOptions(PipelineOptions):
             help="How records left over per key when a bundle ends are grouped across"
             " bundles: group_into_batches (Beam's GroupIntoBatches, record by record)"
             " or group_by_key (one list per key and bundle, then cut into batches;"
-            " faster, and used only without --batch_max_buffering_secs).",
+            " used only without --batch_max_buffering_secs; docs/performance.md"
+            " compares the two).",
         )
         group.add_argument(
             "--batch_handler",
