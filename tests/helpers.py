@@ -56,17 +56,43 @@ def run(arguments: Sequence[str], show_progress: bool = False) -> dict:
     return run_job(options, plan, show_progress=show_progress)
 
 
-def run_cli(arguments: Sequence[str], timeout: float = 600, env: dict | None = None):
-    """Runs ``python -m beam_pipeline`` as a user would; returns the process."""
+def _cli_environment(env: dict | None) -> dict:
     environment = dict(os.environ, NO_GCE_CHECK="true", PYTHONUNBUFFERED="1")
     environment.update(env or {})
+    return environment
+
+
+def run_cli(arguments: Sequence[str], timeout: float = 600, env: dict | None = None):
+    """Runs ``python -m beam_pipeline`` as a user would; returns the process."""
     return subprocess.run(
         [sys.executable, "-m", "beam_pipeline", *arguments],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=environment,
+        env=_cli_environment(env),
+    )
+
+
+def start_cli(
+    arguments: Sequence[str], env: dict | None = None, **options
+) -> subprocess.Popen:
+    """Starts ``python -m beam_pipeline`` as ``run_cli`` does, without waiting.
+
+    Output is piped as text unless ``options`` (passed to ``Popen``) say
+    otherwise.
+    """
+    options = {
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.PIPE,
+        "text": True,
+        **options,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "beam_pipeline", *arguments],
+        cwd=PROJECT_ROOT,
+        env=_cli_environment(env),
+        **options,
     )
 
 

@@ -18,7 +18,13 @@ import pytest
 import zstandard
 
 from beam_pipeline.synth import SynthSpec, record_lines
-from tests.helpers import PROJECT_ROOT, real_sample, summary, written_records
+from tests.helpers import (
+    PROJECT_ROOT,
+    real_sample,
+    start_cli,
+    summary,
+    written_records,
+)
 from transforms import memory
 from transforms.memory import MemoryBoundTooSmall, MemoryGuard, TreeSampler
 from transforms.reader import archive_index
@@ -139,11 +145,8 @@ def test_three_large_window_archives_on_two_workers_stay_under_the_bound(
 ):
     paths, unit_lines = large_window_archives
     output = str(tmp_path / "out")
-    process = subprocess.Popen(
+    process = start_cli(
         [
-            sys.executable,
-            "-m",
-            "beam_pipeline",
             *(f"--input={path}" for path in paths),
             f"--output={output}",
             "--subreddit=AskMen",
@@ -151,11 +154,7 @@ def test_three_large_window_archives_on_two_workers_stay_under_the_bound(
             "--direct_running_mode=multi_processing",
             f"--max_memory_mb={BOUND_MB}",
         ],
-        cwd=PROJECT_ROOT,
         env=_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     peak = _TreePeak(process.pid)
     try:
@@ -213,11 +212,8 @@ def test_a_runaway_handler_is_throttled_and_named_while_the_job_finishes(tmp_pat
                 writer.write(unit)
     output = str(tmp_path / "out")
 
-    job = subprocess.Popen(
+    job = start_cli(
         [
-            sys.executable,
-            "-m",
-            "beam_pipeline",
             f"--input={path}",
             f"--output={output}",
             "--batch_handler=tests.test_memory:HoardingHandler",
@@ -226,11 +222,7 @@ def test_a_runaway_handler_is_throttled_and_named_while_the_job_finishes(tmp_pat
             # for the 100 MB of records the handler keeps.
             "--max_memory_mb=250",
         ],
-        cwd=PROJECT_ROOT,
         env=_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     _, stderr = job.communicate(timeout=300)
 

@@ -7,8 +7,6 @@ import os
 import pty
 import re
 import shutil
-import subprocess
-import sys
 import time
 
 import apache_beam as beam
@@ -19,7 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_pipeline.display import ProgressDisplay
 from beam_pipeline.synth import SynthSpec, record_lines
 from runners import runner_for
-from tests.helpers import PROJECT_ROOT
+from tests.helpers import run_cli
 from transforms import progress
 from transforms.progress import RateWindow, format_eta
 from transforms.reader import ArchiveSpec, ReadArchiveBlocks, ReaderConfig
@@ -193,11 +191,8 @@ def test_a_local_run_logs_live_progress_without_control_characters(
     paths, unit = realistic_archives
     records = unit.count(b"\n") * REPEATS
     output = str(tmp_path / "out")
-    completed = subprocess.run(
+    completed = run_cli(
         [
-            sys.executable,
-            "-m",
-            "beam_pipeline",
             *(f"--input={path}" for path in paths),
             f"--output={output}",
             "--subreddit=AskMen",
@@ -205,10 +200,6 @@ def test_a_local_run_logs_live_progress_without_control_characters(
             "--parse_all_lines",
             "--progress_interval_secs=0.5",
         ],
-        cwd=PROJECT_ROOT,
-        env=dict(os.environ, NO_GCE_CHECK="true", PYTHONUNBUFFERED="1"),
-        capture_output=True,
-        text=True,
         timeout=300,
     )
 

@@ -7,17 +7,16 @@ import glob
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.helpers import (
-    PROJECT_ROOT,
     archive_lines,
     read_batches,
     run,
     run_cli,
+    start_cli,
     summary,
 )
 
@@ -49,13 +48,8 @@ def job_arguments(archives, output):
 
 
 def start_job(arguments):
-    return subprocess.Popen(
-        [sys.executable, "-m", "beam_pipeline", *arguments],
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=dict(os.environ, NO_GCE_CHECK="true"),
-        start_new_session=True,
+    return start_cli(
+        arguments, stdout=subprocess.DEVNULL, text=False, start_new_session=True
     )
 
 
