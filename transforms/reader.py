@@ -950,14 +950,9 @@ class _Pass:
         )
         # A line the archive ends inside has no newline to step over.
         after = line_start + length + (0 if ended else 1)
-        cut = rest.rfind(b"\n")
-        if cut < 0:
-            return rest, after
         # The lines that end in the rest of the chunk go on as a block of
         # their own: what is returned is an unfinished line, without newline.
-        if not (yield from self._emit_or_replay(rest[: cut + 1], after)):
-            return None
-        return rest[cut + 1 :], after + cut + 1
+        return (yield from self._emit_whole_lines(rest, after))
 
     def _emit_whole_lines(self, pending: bytes, pending_start: int):
         """Emits the whole lines at the start of ``pending``, if it holds any.
